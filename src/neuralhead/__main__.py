@@ -1,0 +1,3 @@
+from neuralhead.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Prepared datasets: the directory format written by ``neuralhead prepare`` and its readers."""

@@ -1,0 +1,108 @@
+"""Evaluation metrics, callable on batched torch tensors from evaluation scripts and from
+training loops alike.
+
+:data:`METRICS` describes every metric; :func:`available_metrics` says which can be computed
+here and why not where one cannot. A metric whose pretrained network is missing is reported
+as unavailable, never replaced by a made-up number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neuralhead import weights
+from neuralhead.errors import WeightsMissingError
+from neuralhead.metrics.image import l1_255, psnr, ssim
+from neuralhead.metrics.lpips import LPIPS
+from neuralhead.metrics.pose import expression_distance, gaze_angle_deg, rotation_angle_deg
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric is and what it needs.
+
+    ``weights`` names the registry entries (:mod:`neuralhead.weights`) it loads;
+    ``unsupported`` is set when this version of neuralhead cannot compute it at all.
+    """
+
+    name: str
+    higher_is_better: bool
+    needs_weights: bool
+    description: str
+    weights: tuple[str, ...] = ()
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricAvailability:
+    """Whether a metric can be computed here; ``reason`` says why not when it cannot."""
+
+    name: str
+    available: bool
+    reason: str | None = None
+
+
+FID_UNSUPPORTED = "InceptionV3 FID weights are not supported in this version"
+
+METRICS: dict[str, MetricInfo] = {
+    info.name: info
+    for info in (
+        MetricInfo("l1_255", False, False, "mean absolute error on the 0-255 scale"),
+        MetricInfo("psnr", True, False, "peak signal-to-noise ratio, dB"),
+        MetricInfo("ssim", True, False, "structural similarity (Wang et al. 2004)"),
+        MetricInfo(
+            "lpips",
+            False,
+            True,
+            "learned perceptual distance, VGG16 v0.1 (Zhang et al. 2018)",
+            weights=("vgg16-imagenet", "lpips-vgg-v0.1"),
+        ),
+        MetricInfo(
+            "fid",
+            False,
+            True,
+            "Frechet Inception distance (Heusel et al. 2017)",
+            unsupported=FID_UNSUPPORTED,
+        ),
+        MetricInfo("rotation_angle_deg", False, False, "geodesic head-rotation error, degrees"),
+        MetricInfo("gaze_angle_deg", False, False, "angle between gaze directions, degrees"),
+        MetricInfo("expression_distance", False, False, "mean L1 between expression coefficients"),
+    )
+}
+
+
+def available_metrics() -> dict[str, MetricAvailability]:
+    """Availability of every metric in :data:`METRICS`, keyed by name.
+
+    A metric that needs weights is available only when all its files are present and pass
+    their SHA-256 check; otherwise ``reason`` carries the loader's message, which says how to
+    obtain the missing file.
+    """
+    result = {}
+    for info in METRICS.values():
+        reason = info.unsupported
+        if reason is None:
+            for name in info.weights:
+                try:
+                    weights.weights_path(name)
+                except WeightsMissingError as exc:
+                    reason = str(exc)
+                    break
+        result[info.name] = MetricAvailability(info.name, reason is None, reason)
+    return result
+
+
+__all__ = [
+    "FID_UNSUPPORTED",
+    "LPIPS",
+    "METRICS",
+    "MetricAvailability",
+    "MetricInfo",
+    "available_metrics",
+    "expression_distance",
+    "gaze_angle_deg",
+    "l1_255",
+    "psnr",
+    "rotation_angle_deg",
+    "ssim",
+]
