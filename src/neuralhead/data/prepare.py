@@ -40,7 +40,7 @@ from neuralhead.errors import InputError, NoFaceError
 from neuralhead.fileio import write_json_atomic
 from neuralhead.features.audio import extract_features_from_file, frame_windows, get_audio_extractor
 from neuralhead.media.audio import iter_audio
-from neuralhead.media.video import VideoReader, probe_video
+from neuralhead.media.video import VideoInfo, VideoReader, probe_video
 from neuralhead.tracking import crop as crops
 from neuralhead.tracking.expression import ExpressionBasis
 from neuralhead.tracking.gaze import gaze_angles
@@ -84,13 +84,45 @@ class PrepareOptions:
 def prepare_video(
     video: str | Path, out_dir: str | Path, options: PrepareOptions | None = None, progress: bool = True
 ) -> DatasetFiles:
-    """Track, crop and parametrise ``video`` into the dataset directory ``out_dir``."""
+    """Track, crop and parametrise ``video`` into the dataset directory ``out_dir``.
+
+    If anything fails, the partly written directory is removed, so a failed run leaves
+    nothing behind (large landmark files included) and can simply be repeated.
+    """
     options = options or PrepareOptions()
     options.validate()
     video, out = Path(video), Path(out_dir)
+    basis_path = _external_basis(options.expression_basis)
     info = probe_video(video)
     _claim_output_dir(out, options.overwrite)
+    try:
+        _prepare_into(video, out, info, options, basis_path, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return DatasetFiles.open(out)
 
+
+def _external_basis(spec: str | None) -> Path | None:
+    """The .npz of ``--expression-basis`` (a dataset directory or the file), checked up front."""
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "expression_basis.npz"
+    if not path.is_file():
+        raise InputError(f"expression basis {path} not found")
+    return path
+
+
+def _prepare_into(
+    video: Path,
+    out: Path,
+    info: VideoInfo,
+    options: PrepareOptions,
+    basis_path: Path | None,
+    progress: bool,
+) -> None:
     raw_path = out / ".landmarks_raw.f32"
     valid = _track_pass(video, raw_path, info.num_frames, options.max_frames, progress)
     num_frames = len(valid)
@@ -120,7 +152,9 @@ def prepare_video(
     np.save(out / "valid.npy", valid)
 
     num_train = num_frames - int(round(options.heldout_fraction * num_frames))
-    basis_source = _compute_parameters(out, landmarks, valid, num_train, options)
+    basis_source = _compute_parameters(
+        out, landmarks, valid, num_train, options.size, options.num_expression, basis_path
+    )
 
     if options.write_frames:
         _crop_pass(video, out, boxes, num_frames, options, progress)
@@ -165,7 +199,6 @@ def prepare_video(
         "options": asdict(options),
     }
     write_json_atomic(out / META, meta)
-    return DatasetFiles.open(out)
 
 
 def _claim_output_dir(out: Path, overwrite: bool) -> None:
@@ -174,7 +207,8 @@ def _claim_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"output directory {out} is not empty (use --overwrite to replace it)")
-        if (out / META).is_file() or (out / ".landmarks_raw.f32").exists():
+        # A run that failed part-way left the raw landmarks (while tracking) or landmarks.npy.
+        if any((out / name).is_file() for name in (META, ".landmarks_raw.f32", "landmarks.npy")):
             shutil.rmtree(out)
         else:
             raise InputError(f"refusing to overwrite {out}: it is not a prepared dataset")
@@ -188,8 +222,14 @@ def _track_pass(
     valid: list[bool] = []
     empty = np.full((NUM_LANDMARKS, 3), np.nan, dtype=np.float32)
     total = min(expected or 0, max_frames or expected or 0) or None
-    with VideoReader(video) as reader, FaceMeshTracker() as tracker, open(raw_path, "wb") as raw:
-        bar = tqdm(total=total, desc="tracking", unit="frame", disable=not progress)
+    # The bar is a context manager so that an error ends its line before the CLI prints it.
+    bar = tqdm(total=total, desc="tracking", unit="frame", disable=not progress)
+    with (
+        bar,
+        VideoReader(video) as reader,
+        FaceMeshTracker() as tracker,
+        open(raw_path, "wb") as raw,
+    ):
         for frame in reader:
             points = tracker.process(frame)
             valid.append(points is not None)
@@ -197,7 +237,6 @@ def _track_pass(
             bar.update()
             if max_frames and len(valid) >= max_frames:
                 break
-        bar.close()
     if not valid:
         raise InputError(f"video {video.name} has no frames")
     return np.array(valid, dtype=bool)
@@ -241,7 +280,13 @@ def _crop_boxes(
 
 
 def _compute_parameters(
-    out: Path, landmarks: np.ndarray, valid: np.ndarray, num_train: int, options: PrepareOptions
+    out: Path,
+    landmarks: np.ndarray,
+    valid: np.ndarray,
+    num_train: int,
+    size: int,
+    num_expression: int,
+    basis_path: Path | None,
 ) -> str:
     """Write pose, canonical landmarks, expression basis and coefficients, and gaze."""
     n = len(landmarks)
@@ -252,24 +297,19 @@ def _compute_parameters(
     for start in range(0, n, _CHUNK):
         sl = slice(start, start + _CHUNK)
         fit = fit_head_pose(landmarks[sl])
-        pose[sl] = pose_vector(fit, options.size)
+        pose[sl] = pose_vector(fit, size)
         canonical[sl] = fit.canonicalize(landmarks[sl])
     canonical.flush()
     np.save(out / "pose.npy", pose)
 
-    if options.expression_basis:
-        basis_path = Path(options.expression_basis)
-        if basis_path.is_dir():
-            basis_path = basis_path / "expression_basis.npz"
-        if not basis_path.is_file():
-            raise InputError(f"expression basis {basis_path} not found")
+    if basis_path is not None:
         basis = ExpressionBasis.load(basis_path)
         source = f"external: {basis_path.resolve()}"
     else:
         fit_frames = np.flatnonzero(valid[:num_train])
         if len(fit_frames) < 2:
             raise NoFaceError("too few training frames with a face to build the expression basis")
-        basis = ExpressionBasis.fit(_Rows(canonical, fit_frames), options.num_expression)
+        basis = ExpressionBasis.fit(_Rows(canonical, fit_frames), num_expression)
         source = f"training frames with a face ({len(fit_frames)})"
     basis.save(out / "expression_basis.npz")
 
@@ -305,9 +345,10 @@ def _crop_pass(
     if masks:
         (out / "masks").mkdir(exist_ok=True)
     segmenter = ForegroundSegmenter() if masks else None
+    index = -1
     try:
-        with VideoReader(video) as reader:
-            bar = tqdm(total=num_frames, desc="cropping", unit="frame", disable=not progress)
+        bar = tqdm(total=num_frames, desc="cropping", unit="frame", disable=not progress)
+        with bar, VideoReader(video) as reader:
             for index, frame in enumerate(reader):
                 if index >= num_frames:
                     break
@@ -317,7 +358,6 @@ def _crop_pass(
                     mask = segmenter.process(crop)
                     cv2.imwrite(str(out / MASK_PATTERN.format(index)), np.round(mask * 255).astype(np.uint8))
                 bar.update()
-            bar.close()
     finally:
         if segmenter is not None:
             segmenter.close()

@@ -29,6 +29,11 @@ class DNPConfig:
         decoder_channels: channels after each x2 up-sampling stage of the decoder D; there
             must be ``log2(image_size / feature_size)`` of them.
         rgb_head: predict the low-resolution colour C_i next to f (the L'_rec term of Eq. 4).
+        mean_frame_bias: give the decoder's output (and the colour head) a per-pixel bias,
+            initialised to the mean training frame. The camera of a video portrait is static
+            (Sec. 3.1), so most of every frame is this mean; starting from it rather than from
+            grey saves the networks learning the background from scratch and shortens
+            training several-fold. Our choice (the paper does not detail D).
         driver: ``"expression"`` (e_i) or ``"audio"`` (α_i from audio windows, Sec. 3.3).
         audio_dim, audio_window: size of a speech feature vector and the window w = 16.
         audio_code_dim: ``n_a``, length of the audio code a_i and of α_i.
@@ -53,6 +58,7 @@ class DNPConfig:
     num_latents: int = 1
     decoder_channels: tuple[int, ...] = (128, 64)
     rgb_head: bool = True
+    mean_frame_bias: bool = True
     driver: str = "expression"
     audio_dim: int = 29
     audio_window: int = 16

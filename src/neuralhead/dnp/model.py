@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neuralhead.dnp.audio_network import AudioAttention, AudioNetwork
@@ -58,6 +59,9 @@ class DynamicNeuralPortrait(PretrainedModel):
             rgb_head=c.rgb_head,
         )
         self.decoder = Decoder(c.feature_channels, c.decoder_channels)
+        if c.mean_frame_bias:
+            self.image_bias = nn.Parameter(torch.zeros(1, 3, c.image_size, c.image_size))
+            self.rgb_bias = nn.Parameter(torch.zeros(1, 3, c.feature_size, c.feature_size))
         if c.driver == "audio":
             self.audio_net = AudioNetwork(c.audio_dim, c.audio_window, c.audio_code_dim)
             self.audio_att = AudioAttention(c.audio_code_dim, c.audio_attention_frames)
@@ -94,6 +98,15 @@ class DynamicNeuralPortrait(PretrainedModel):
             self.expression_std.copy_(stats(expression)[1])
         if audio is not None and self.config.driver == "audio":
             self.audio_mean.copy_(stats(audio)[0]), self.audio_std.copy_(stats(audio)[1])
+
+    @torch.no_grad()
+    def set_mean_frame(self, frame: torch.Tensor) -> None:
+        """Initialise the per-pixel output biases with the mean training frame ``(3, H, W)``."""
+        if not self.config.mean_frame_bias:
+            return
+        frame = frame.to(self.image_bias)[None]
+        self.image_bias.copy_(F.interpolate(frame, size=self.image_bias.shape[-2:], mode="area"))
+        self.rgb_bias.copy_(F.interpolate(frame, size=self.rgb_bias.shape[-2:], mode="area"))
 
     def mean_latent(self) -> torch.Tensor:
         return self.latents.weight.mean(0)
@@ -147,4 +160,9 @@ class DynamicNeuralPortrait(PretrainedModel):
     ) -> DNPOutput:
         cond = self.conditioning(pose, gaze, expression, audio, frame_index, latent)
         features, rgb = self.mlp(cond)
-        return DNPOutput(image=self.decoder(features), rgb=rgb, features=features)
+        image = self.decoder(features)
+        if self.config.mean_frame_bias:
+            image = image + self.image_bias.to(image.dtype)
+            if rgb is not None:
+                rgb = rgb + self.rgb_bias.to(rgb.dtype)
+        return DNPOutput(image=image, rgb=rgb, features=features)

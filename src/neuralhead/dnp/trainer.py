@@ -95,8 +95,10 @@ class DNPTask:
             self.train_set.expression[stats_frames],
             audio,
         )
+        model.set_mean_frame(self._mean_frame())
         self.raw_model = model
-        self.model = engine.wrap(model)
+        # N_att takes no part in the loss before audio_attention_start.
+        self.model = engine.wrap(model, find_unused_parameters=self.config.driver == "audio")
         latent_params = list(model.latents.parameters())
         latent_ids = {id(p) for p in latent_params}
         self.optimizer = torch.optim.Adam(
@@ -125,6 +127,15 @@ class DNPTask:
         )
         self._loader_iter = None
         self._preview_frames = self._pick_preview_frames()
+
+    def _mean_frame(self, max_frames: int = 256) -> torch.Tensor:
+        """Mean of (up to ``max_frames``, evenly spaced) training frames, in [-1, 1]."""
+        frames = self.train_set.frames
+        picks = frames[np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).astype(int)]
+        total = torch.zeros(3, self.config.image_size, self.config.image_size, dtype=torch.float64)
+        for frame in picks:
+            total += self.train_set.image_uint8(int(frame)).double()
+        return (total / len(picks) / 127.5 - 1.0).float()
 
     # ------------------------------------------------------------------ Task protocol
     def modules(self) -> dict[str, nn.Module]:
@@ -242,14 +253,18 @@ def train_dnp(
     import json
 
     run_dir = Path(run_dir)
+    run = None
+    if resume:
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise InputError(f"cannot resume: {run_dir} has no config.json")
+        run = json.loads(saved.read_text())
+        # The data order is a function of the seed: a resumed run keeps its own.
+        engine_options = replace(engine_options, seed=run["engine"]["seed"])
     engine = Engine.create(run_dir, engine_options)
     try:
         config = None
-        if resume:
-            saved = run_dir / "config.json"
-            if not saved.is_file():
-                raise InputError(f"cannot resume: {run_dir} has no config.json")
-            run = json.loads(saved.read_text())
+        if run is not None:
             options = DNPTrainOptions(**run["train"])
             config = config_from_dict(DNPConfig, run["model_config"])
             data_dir = run["data"]

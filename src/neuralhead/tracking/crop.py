@@ -56,7 +56,8 @@ def fixed_box(
     mid = np.median(centre, 0)
     reach = np.abs(centre - mid).max(0).max() if len(centre) else 0.0
     side = max(scale * float(np.median(size)), 2.0 * reach + 1.2 * float(np.percentile(size, 95)))
-    side = min(side, float(min(frame_width, frame_height)))
+    # Round the side before placing the box, so that rounding cannot push it past an edge.
+    side = round(min(side, float(min(frame_width, frame_height))))
     x0 = float(np.clip(mid[0] - side / 2, 0, frame_width - side))
     y0 = float(np.clip(mid[1] - side / 2, 0, frame_height - side))
     return np.round([x0, y0, side]).astype(np.int64)

@@ -72,7 +72,8 @@ class ExpressionBasis:
         components *= flip[:, None]
         stddev = np.sqrt(eigval)
         stddev = np.maximum(stddev, _MIN_RELATIVE_STDDEV * max(stddev[0], 1e-12))
-        total_var = max(np.clip(np.linalg.eigvalsh(cov), 0, None).sum(), 1e-12)
+        # The sum of all eigenvalues is the trace: no second eigendecomposition needed.
+        total_var = max(float(np.trace(cov)), 1e-12)
         return cls(
             mean=mean.reshape(NUM_MESH, 3).astype(np.float32),
             components=components.astype(np.float32),

@@ -39,10 +39,14 @@ def _import_mediapipe() -> Any:
 
 @contextlib.contextmanager
 def _silenced_stderr():
-    """Redirect file descriptor 2 during mediapipe's first inference (its native code logs there).
+    """Redirect file descriptor 2 to /dev/null while mediapipe's native code runs.
 
-    Only the first ``process`` call is wrapped: redirecting while graphs are being built, when
-    native threads open and close descriptors of their own, was seen to lose stderr.
+    Its C++ code logs to descriptor 2 (TFLite's "Created TensorFlow Lite XNNPACK delegate",
+    absl warnings), which GLOG_minloglevel does not reach: from its own threads while the
+    graph starts, asynchronously after construction, and whenever a model first runs, which
+    can be any frame (the landmark model first runs on the first frame with a face). So every
+    native call is wrapped, and construction waits for the graph to go idle inside the
+    redirection. Whatever another thread writes to stderr during a call is lost too.
     """
     try:
         fd = os.dup(2)
@@ -59,14 +63,15 @@ def _silenced_stderr():
         os.close(devnull)
 
 
-def _first_call(owner: Any, fn: Any, frame: np.ndarray) -> Any:
-    """Run ``fn(frame)``, hiding the native start-up logging of the first inference."""
-    if owner._started:
-        return fn(frame)
+def _start_quietly(build: Any) -> Any:
+    """Build a mediapipe solution and let its graph finish starting, with stderr silenced.
+
+    ``_graph`` is the solution's CalculatorGraph (mediapipe 0.10.21's SolutionBase).
+    """
     with _silenced_stderr():
-        result = fn(frame)
-    owner._started = True
-    return result
+        solution = build()
+        solution._graph.wait_until_idle()
+    return solution
 
 
 def tracker_version() -> str:
@@ -86,21 +91,23 @@ class FaceMeshTracker:
 
     def __init__(self, static: bool = False, min_confidence: float = 0.5) -> None:
         mp = _import_mediapipe()
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=static,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=min_confidence,
-            min_tracking_confidence=min_confidence,
+        self._mesh = _start_quietly(
+            lambda: mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=static,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=min_confidence,
+                min_tracking_confidence=min_confidence,
+            )
         )
-        self._started = False
 
     def process(self, frame: np.ndarray) -> np.ndarray | None:
         """Landmarks of the face in an RGB uint8 frame, or None when there is no face."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 HxWx3 frame, got {frame.dtype} {frame.shape}")
         height, width = frame.shape[:2]
-        result = _first_call(self, self._mesh.process, np.ascontiguousarray(frame))
+        with _silenced_stderr():
+            result = self._mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
             return None
         marks = result.multi_face_landmarks[0].landmark
@@ -111,7 +118,8 @@ class FaceMeshTracker:
         return points
 
     def close(self) -> None:
-        self._mesh.close()
+        with _silenced_stderr():
+            self._mesh.close()
 
     def __enter__(self) -> FaceMeshTracker:
         return self
@@ -129,15 +137,18 @@ class ForegroundSegmenter:
 
     def __init__(self) -> None:
         mp = _import_mediapipe()
-        self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
-        self._started = False
+        self._seg = _start_quietly(
+            lambda: mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        )
 
     def process(self, frame: np.ndarray) -> np.ndarray:
-        result = _first_call(self, self._seg.process, np.ascontiguousarray(frame))
+        with _silenced_stderr():
+            result = self._seg.process(np.ascontiguousarray(frame))
         return np.clip(result.segmentation_mask, 0.0, 1.0).astype(np.float32)
 
     def close(self) -> None:
-        self._seg.close()
+        with _silenced_stderr():
+            self._seg.close()
 
     def __enter__(self) -> ForegroundSegmenter:
         return self

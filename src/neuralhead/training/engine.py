@@ -144,12 +144,18 @@ class Engine:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """Move to the device and, when distributed, wrap in DistributedDataParallel."""
+    def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """Move to the device and, when distributed, wrap in DistributedDataParallel.
+
+        ``find_unused_parameters`` is for modules whose loss leaves some parameters out in
+        some steps (DDP otherwise waits for their gradients and fails on the next step).
+        """
         module = module.to(self.device)
         if self.distributed and any(p.requires_grad for p in module.parameters()):
             ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=ids, find_unused_parameters=find_unused_parameters
+            )
         return module
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -1,0 +1,1 @@
+"""Evaluation: image and parameter metrics on held-out frames, with baselines."""
