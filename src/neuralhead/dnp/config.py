@@ -68,6 +68,8 @@ class DNPConfig:
     input_scale: float = 2.5
 
     def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.feature_size <= 0:
+            raise ValueError(f"image_size and feature_size must be positive, got {self.image_size}, {self.feature_size}")
         ratio = self.image_size / self.feature_size
         stages = math.log2(ratio) if ratio >= 1 else -1
         if stages < 0 or stages != int(stages):

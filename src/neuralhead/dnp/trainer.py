@@ -8,6 +8,8 @@ rate 5e-4 with a short warm-up and cosine decay to a tenth, batches of 4 frames 
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -250,8 +252,6 @@ def train_dnp(
     resume: bool = False,
 ) -> Path:
     """Train (or resume) a DNP run; returns the run directory. Works under torchrun."""
-    import json
-
     run_dir = Path(run_dir)
     run = None
     if resume:
@@ -261,7 +261,15 @@ def train_dnp(
         run = json.loads(saved.read_text())
         # The data order is a function of the seed: a resumed run keeps its own.
         engine_options = replace(engine_options, seed=run["engine"]["seed"])
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        # Refuse before loading any data (a large dataset takes a while to cache). Every rank
+        # checks before joining the process group, which rank 0 must do before creating it.
+        raise InputError(
+            f"run directory {run_dir} already exists; pass --resume to continue it "
+            "or choose another --run-dir"
+        )
     engine = Engine.create(run_dir, engine_options)
+    task = None
     try:
         config = None
         if run is not None:
@@ -278,5 +286,11 @@ def train_dnp(
             engine.seed_for_rank()
         engine.fit(task, start)
     finally:
+        # DistributedDataParallel sits in reference cycles: left to the garbage collector it
+        # can be torn down at interpreter exit, after its process group, which aborts the
+        # process now and then (SIGABRT after a finished run). Free it while all is alive.
+        task = None
+        if engine.distributed:
+            gc.collect()
         engine.close()
     return run_dir

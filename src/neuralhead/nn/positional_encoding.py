@@ -30,7 +30,11 @@ class PositionalEncoding(nn.Module):
         return self.in_features * (2 * self.num_frequencies + int(self.include_input))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in_features)`` → ``(..., out_features)``."""
+        """``(..., in_features)`` → ``(..., out_features)``.
+
+        Component by component, each as ``[x, sin(2^0 πx) .. sin(2^{N-1} πx), cos(2^0 πx) ..
+        cos(2^{N-1} πx)]``: all sines, then all cosines, not interleaved as Eq. 3 is written.
+        """
         angles = x[..., None] * self.bands.to(x.dtype)  # (..., in, N)
         parts = [torch.sin(angles), torch.cos(angles)]
         if self.include_input:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import sys
@@ -134,8 +135,6 @@ class Engine:
         seed = self.options.seed
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
-        import random
-
         random.seed(seed)
 
     def seed_for_rank(self) -> None:
@@ -143,6 +142,7 @@ class Engine:
         seed = self.options.seed + 7919 * self.rank
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
+        random.seed(seed)
 
     def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """Move to the device and, when distributed, wrap in DistributedDataParallel.
