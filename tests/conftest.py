@@ -15,6 +15,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_data import make_dataset  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests use tiny models: a second OpenMP thread only adds contention on a 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fake_dataset(tmp_path: Path) -> Path:
     """A 40-frame 32x32 prepared dataset with audio (see tests/fake_data.py)."""

@@ -27,15 +27,6 @@ TINY = ["dnp-test", "dnp-test-audio", "dnp-tiny", "dnp-tiny-audio"]
 ALL = sorted(PRESETS) + ["dnp-test-audio"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second OpenMP thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("dnp") / "data")

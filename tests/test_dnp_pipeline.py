@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from neuralhead.data.format import DatasetFiles
 from neuralhead.dnp.driving import (
     DrivingParameters,
     absolute_motion,
@@ -26,13 +27,12 @@ from neuralhead.dnp.trainer import DNPTrainOptions, train_dnp
 from neuralhead.errors import InputError
 from neuralhead.evaluation.baseline import NearestNeighbourBaseline
 from neuralhead.evaluation.evaluate import evaluate_portrait, format_report
+from neuralhead.geometry.rotation import euler_to_matrix
 from neuralhead.inference.reenact import checkpoint_kind
 from neuralhead.media.audio import write_wav
 from neuralhead.media.video import is_marked_synthetic, probe_video
-from neuralhead.training.engine import EngineOptions
-from neuralhead.data.format import DatasetFiles
-from neuralhead.geometry.rotation import euler_to_matrix, matrix_to_euler
 from neuralhead.metrics.pose import rotation_angle_deg
+from neuralhead.training.engine import EngineOptions
 
 
 def _train(data: Path, run: Path, preset: str = "dnp-test", steps: int = 12) -> Path:

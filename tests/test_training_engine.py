@@ -72,15 +72,6 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert different == [], f"weights differ: {different}"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models here are tiny: a second OpenMP thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("engine") / "data")

@@ -255,6 +255,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG (default beside the JSON)")
     p.add_argument("--max-frames", type=_positive_int, default=None)
     p.add_argument("--no-tracking", action="store_true", help="skip pose/expression/gaze distances")
+    p.add_argument("--no-limit", action="store_true",
+                   help="cross-reenactment: do not clip the driver's motion to the training range")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_evaluate)
 
@@ -272,6 +274,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         tracking=not args.no_tracking,
         device=args.device,
+        limit=not args.no_limit,
     )
     print(format_report(report))
     return 0
@@ -335,8 +338,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="synthesise a clip, then prepare, train, reenact and evaluate DNP on it (CPU, < 10 min)",
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--train-minutes", type=float, default=5.0, help="training time (default 5)")
-    p.add_argument("--frames", type=_positive_int, default=400, help="frames of the training clip (default 400)")
+    p.add_argument("--train-minutes", type=float, default=6.0, help="training time (default 6)")
+    p.add_argument("--frames", type=_positive_int, default=800, help="frames of the training clip (default 800)")
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo output directory")
     p.set_defaults(func=_run_demo)

@@ -37,14 +37,18 @@ from neuralhead.data.format import (
     DatasetFiles,
 )
 from neuralhead.errors import InputError, NoFaceError
-from neuralhead.fileio import write_json_atomic
 from neuralhead.features.audio import extract_features_from_file, frame_windows, get_audio_extractor
+from neuralhead.fileio import write_json_atomic
 from neuralhead.media.audio import iter_audio
 from neuralhead.media.video import VideoInfo, VideoReader, probe_video
 from neuralhead.tracking import crop as crops
 from neuralhead.tracking.expression import ExpressionBasis
 from neuralhead.tracking.gaze import gaze_angles
-from neuralhead.tracking.mediapipe_backend import FaceMeshTracker, ForegroundSegmenter, tracker_version
+from neuralhead.tracking.mediapipe_backend import (
+    FaceMeshTracker,
+    ForegroundSegmenter,
+    tracker_version,
+)
 from neuralhead.tracking.pose import fit_head_pose, pose_vector
 from neuralhead.tracking.topology import NUM_LANDMARKS
 

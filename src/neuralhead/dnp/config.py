@@ -95,9 +95,11 @@ PRESETS: dict[str, DNPConfig] = {
         latent_dim=4, decoder_channels=(16, 8), audio_code_dim=16, audio_attention_start=4,
     ),
     # For CPU training (the demo, quick experiments): 128x128 output.
+    # The MLP fills half the output resolution, so one decoder stage suffices: on CPU this
+    # trained faster per second than a 32x32 grid with two stages (measured on the demo clip).
     "dnp-tiny": DNPConfig(
-        image_size=128, feature_size=32, feature_channels=32, mlp_width=128, mlp_depth=4,
-        mlp_skips=(2,), coord_frequencies=6, latent_dim=16, decoder_channels=(64, 32),
+        image_size=128, feature_size=64, feature_channels=32, mlp_width=128, mlp_depth=4,
+        mlp_skips=(2,), coord_frequencies=7, latent_dim=16, decoder_channels=(32,),
         audio_code_dim=32, audio_attention_start=1000,
     ),
     "dnp-256": DNPConfig(),

@@ -84,7 +84,7 @@ class CoordinateMLP(nn.Module):
         """``cond (B, C)`` → feature map ``(B, n_f, H_f, W_f)`` and colours ``(B, 3, H_f, W_f)``."""
         coords = self.coord_encoding(self.coords.to(cond.dtype))
         h = None
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             if isinstance(layer, ConditionedLinear):
                 h = layer(coords, cond, h)
             else:

@@ -85,19 +85,35 @@ class DynamicNeuralPortrait(PretrainedModel):
         expression: torch.Tensor | None = None,
         audio: torch.Tensor | None = None,
     ) -> None:
-        """Standardisation statistics from the training frames (called once before training)."""
+        """Standardisation statistics from the training frames (called once before training).
 
-        def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Inputs are centred per dimension but scaled per *group* (rotation angles, translation,
+        gaze, expression) by the group's largest standard deviation, so that a dimension that
+        barely varies in the video (mostly tracking noise, such as depth in a seated talk or
+        the weakest expression modes) stays small rather than being blown up to unit scale.
+        Audio features are standardised per dimension.
+        """
+
+        def centre_and_spread(x: torch.Tensor, groups: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
             x = x.reshape(-1, x.shape[-1]).double()
-            return x.mean(0).float(), x.std(0).clamp_min(1e-4).float()
+            std = x.std(0)
+            for group in groups:
+                std[group] = std[group].max()
+            return x.mean(0).float(), std.clamp_min(1e-4).float()
 
-        self.pose_mean.copy_(stats(pose)[0]), self.pose_std.copy_(stats(pose)[1])
-        self.gaze_mean.copy_(stats(gaze)[0]), self.gaze_std.copy_(stats(gaze)[1])
-        if expression is not None:
-            self.expression_mean.copy_(stats(expression)[0])
-            self.expression_std.copy_(stats(expression)[1])
+        for name, values, groups in (
+            ("pose", pose, [slice(0, 3), slice(3, 6)]),
+            ("gaze", gaze, [slice(0, 2)]),
+            ("expression", expression, [slice(None)]),
+        ):
+            if values is not None:
+                mean, std = centre_and_spread(values, groups)
+                getattr(self, f"{name}_mean").copy_(mean)
+                getattr(self, f"{name}_std").copy_(std)
         if audio is not None and self.config.driver == "audio":
-            self.audio_mean.copy_(stats(audio)[0]), self.audio_std.copy_(stats(audio)[1])
+            flat = audio.reshape(-1, audio.shape[-1]).double()
+            self.audio_mean.copy_(flat.mean(0).float())
+            self.audio_std.copy_(flat.std(0).clamp_min(1e-4).float())
 
     @torch.no_grad()
     def set_mean_frame(self, frame: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from neuralhead.data.format import DatasetFiles
-from neuralhead.dnp.pipeline import driving_parameters, render_frames
+from neuralhead.dnp.pipeline import OUTPUT_AUDIO_RATE, driving_parameters, render_frames
 from neuralhead.dnp.portrait import Portrait
 from neuralhead.errors import InputError, WeightsMissingError
 from neuralhead.evaluation.baseline import NearestNeighbourBaseline
@@ -98,8 +98,13 @@ def evaluate_portrait(
     tracking: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    limit: bool = True,
 ) -> dict[str, Any]:
-    """Score the portrait at ``checkpoint``; writes the metrics JSON and a contact sheet."""
+    """Score the portrait at ``checkpoint``; writes the metrics JSON and a contact sheet.
+
+    ``limit`` applies to the cross-reenactment: keep the driver's motion inside the portrait's
+    training range (see :func:`neuralhead.dnp.driving.relative_motion`).
+    """
     portrait = Portrait.load(checkpoint, device)
     own = portrait.data.info.get("dataset")
     data_dir = Path(data) if data is not None else (Path(own) if own else None)
@@ -170,33 +175,62 @@ def evaluate_portrait(
         "sheet": str(sheet),
     }
     if driving is not None:
-        report["cross_reenactment"] = cross_reenactment(portrait, Path(driving), out.parent, device, progress)
+        report["cross_reenactment"] = cross_reenactment(
+            portrait, Path(driving), out.parent, device, progress, limit
+        )
     write_json_atomic(out, report)
     report["json"] = str(out)
     return report
 
 
 def cross_reenactment(
-    portrait: Portrait, driving: Path, out_dir: Path, device: str = "cpu", progress: bool = True
+    portrait: Portrait,
+    driving: Path,
+    out_dir: Path,
+    device: str = "cpu",
+    progress: bool = True,
+    limit: bool = True,
 ) -> dict[str, Any]:
     """Drive the portrait by another video; measure how the output follows the driver."""
     size = portrait.config.image_size
     audio = (portrait.data.info.get("audio") or {}).get("extractor", "logmel")
     with open_driver(driving, size=int(portrait.data.info.get("size", size)), audio_extractor=audio,
                      progress=progress) as driver:
-        params, motion = driving_parameters(portrait, driver, "relative")
+        params, motion = driving_parameters(portrait, driver, "relative", limit=limit)
         video = out_dir / f"cross_{driving.stem}.mp4"
         tracker = SequenceTracker(portrait.data.basis)
-        with VideoWriter(video, driver.fps, generator="neuralhead dnp evaluate") as writer:
+        sound = driver.audio(OUTPUT_AUDIO_RATE)
+        with VideoWriter(
+            video,
+            driver.fps,
+            audio=sound,
+            audio_sample_rate=OUTPUT_AUDIO_RATE if sound is not None else None,
+            generator="neuralhead dnp evaluate",
+        ) as writer:
             for frame in render_frames(portrait, params, device=device, progress=progress, desc="cross-reenacting"):
                 writer.write(frame)
                 tracker.add(frame)
         tracked = tracker.result()
         errors = parameter_errors(tracked, params.pose, params.gaze, params.expression)
         errors["head_motion_deg"] = relative_rotation_error(tracked.pose, driver.pose)
+        # How much of that the training-range limit accounts for: the asked-for motion vs the
+        # driver's own (zero when nothing was clipped).
+        errors["head_motion_limited_deg"] = relative_rotation_error(params.pose, driver.pose)
+        errors["rotation_correlation"] = _rotation_correlation(tracked.pose, driver.pose)
         rotation_range = _rotation_range_deg(driver.pose)
-    return {"driving": str(driving), "motion": motion, "num_frames": len(params), "video": str(video),
-            "driver_rotation_range_deg": rotation_range, **errors}
+    return {"driving": str(driving), "motion": motion, "limited_to_training_range": limit,
+            "num_frames": len(params), "video": str(video), "driver_rotation_range_deg": rotation_range,
+            **errors}
+
+
+def _rotation_correlation(tracked: np.ndarray, driver: np.ndarray) -> dict[str, float]:
+    """Pearson correlation over time of each Euler angle, output vs driver."""
+    ok = ~np.isnan(tracked[:, 0])
+    out = {}
+    for i, name in enumerate(("pitch", "yaw", "roll")):
+        a, b = tracked[ok, i], driver[ok, i]
+        out[name] = float(np.corrcoef(a, b)[0, 1]) if ok.sum() > 2 and a.std() > 0 and b.std() > 0 else float("nan")
+    return out
 
 
 def _rotation_range_deg(pose: np.ndarray) -> dict[str, float]:
@@ -220,9 +254,12 @@ def format_report(report: dict[str, Any]) -> str:
     cross = report.get("cross_reenactment")
     if cross:
         lines.append(
-            f"cross-reenactment by {Path(cross['driving']).name}: pose error {cross['pose_deg']:.2f} deg, "
-            f"head motion error {cross['head_motion_deg']:.2f} deg, gaze {cross['gaze_deg']:.2f} deg, "
-            f"expression L1 {cross['expression_l1']:.3f} ({cross['num_frames']} frames) -> {cross['video']}"
+            f"cross-reenactment by {Path(cross['driving']).name} ({cross['num_frames']} frames): "
+            f"pose error vs asked {cross['pose_deg']:.2f} deg; head motion vs driver "
+            f"{cross['head_motion_deg']:.2f} deg (of which the training-range limit "
+            f"{cross['head_motion_limited_deg']:.2f} deg); correlation with the driver "
+            + ", ".join(f"{k} {v:.2f}" for k, v in cross["rotation_correlation"].items())
+            + f"; gaze {cross['gaze_deg']:.2f} deg; expression L1 {cross['expression_l1']:.3f} -> {cross['video']}"
         )
     for name, reason in report["unavailable"].items():
         lines.append(f"{name}: unavailable ({reason})")

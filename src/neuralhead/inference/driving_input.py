@@ -176,7 +176,11 @@ def open_driver(
 
 
 def from_audio(path: Path, fps: float, extractor_name: str, max_frames: int | None = None) -> Driver:
-    from neuralhead.features.audio import extract_features_from_file, frame_windows, get_audio_extractor
+    from neuralhead.features.audio import (
+        extract_features_from_file,
+        frame_windows,
+        get_audio_extractor,
+    )
 
     extractor = get_audio_extractor(extractor_name)
     features = extract_features_from_file(path, extractor)

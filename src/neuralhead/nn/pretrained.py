@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import torch
 from safetensors.torch import load_file
 from torch import nn
 

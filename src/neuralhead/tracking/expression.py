@@ -9,9 +9,12 @@ from a 3DMM tracker. Here they come from the dense landmarks:
 2. The basis is the principal component analysis of these shapes over the clip's frames
    with a face: its ``mean`` is the person's average face and its ``components`` (rows,
    orthonormal) are the main modes of deformation: jaw opening, smile, blinks, brows...
-3. A frame's coefficients are its deformation from the mean projected on the components and
-   divided by each component's standard deviation over the clip, so every coefficient has
-   unit variance (a convenient input scale for the networks).
+3. A frame's coefficients are its deformation from the mean projected on the components,
+   in units of the first component's standard deviation: the strongest mode has unit
+   variance and every other keeps its natural, smaller spread. Components are not whitened
+   one by one on purpose: the weak ones carry mostly tracking noise, and scaling them up to
+   unit variance would hand a network a per-frame fingerprint to memorise instead of an
+   expression to interpolate.
 
 The basis is stored with the dataset (``expression_basis.npz``). Coefficients of different
 people live in different bases; to transfer an expression change from one person to
@@ -28,10 +31,6 @@ import numpy as np
 
 from neuralhead.tracking.topology import NUM_MESH
 
-# Components whose spread is below this fraction of the first one's carry noise, not
-# expression; their whitening is capped so they cannot amplify it. Our choice.
-_MIN_RELATIVE_STDDEV = 1e-2
-
 
 @dataclass
 class ExpressionBasis:
@@ -44,6 +43,11 @@ class ExpressionBasis:
     @property
     def num_components(self) -> int:
         return len(self.components)
+
+    @property
+    def scale(self) -> float:
+        """The unit of the coefficients: the first component's standard deviation."""
+        return float(max(self.stddev[0], 1e-12))
 
     @classmethod
     def fit(cls, shapes: np.ndarray, num_components: int) -> ExpressionBasis:
@@ -71,7 +75,6 @@ class ExpressionBasis:
         flip = np.sign(components[np.arange(len(components)), np.abs(components).argmax(1)])
         components *= flip[:, None]
         stddev = np.sqrt(eigval)
-        stddev = np.maximum(stddev, _MIN_RELATIVE_STDDEV * max(stddev[0], 1e-12))
         # The sum of all eigenvalues is the trace: no second eigendecomposition needed.
         total_var = max(float(np.trace(cov)), 1e-12)
         return cls(
@@ -89,11 +92,11 @@ class ExpressionBasis:
     def project_deformation(self, deformation: np.ndarray) -> np.ndarray:
         """Coefficients of a deformation (a difference of template-space shapes)."""
         flat = np.asarray(deformation, np.float32)[:, :NUM_MESH].reshape(len(deformation), -1)
-        return (flat @ self.components.T) / self.stddev
+        return (flat @ self.components.T) / self.scale
 
     def reconstruct(self, coefficients: np.ndarray) -> np.ndarray:
         """Template-space shapes ``(N, 468, 3)`` from coefficients ``(N, K)``."""
-        flat = (np.asarray(coefficients, np.float32) * self.stddev) @ self.components
+        flat = (np.asarray(coefficients, np.float32) * self.scale) @ self.components
         return flat.reshape(-1, NUM_MESH, 3) + self.mean
 
     def save(self, path: str | Path) -> None:
