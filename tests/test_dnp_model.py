@@ -168,7 +168,7 @@ def test_factorised_first_layer_equals_concatenated_form():
 
 def test_coordinate_mlp_equals_per_pixel_evaluation():
     """The whole F (with a skip layer) evaluated pixel by pixel on [γ(x), cond] as in Eq. 2."""
-    model = _model("dnp-tiny", feature_size=8, image_size=32)
+    model = _model("dnp-tiny", feature_size=8, image_size=16)
     mlp = model.mlp
     assert mlp.skips == (2,)
     cond = model.conditioning(**_inputs(model.config, 2))
