@@ -12,7 +12,7 @@ import torch
 from neuralhead import weights
 from neuralhead.errors import InputError, WeightsMissingError
 from neuralhead.metrics import (
-    FID_UNSUPPORTED,
+    FVD_UNSUPPORTED,
     LPIPS,
     METRICS,
     MetricAvailability,
@@ -167,7 +167,9 @@ def test_availability_follows_the_files(test_registry):
     assert status["psnr"].available and status["ssim"].available
     assert not status["lpips"].available
     assert "neuralhead weights download vgg16-imagenet" in status["lpips"].reason
-    assert status["fid"] == MetricAvailability("fid", False, FID_UNSUPPORTED)
+    assert not status["fid"].available
+    assert "neuralhead weights download inception-v3-fid" in status["fid"].reason
+    assert status["fvd"] == MetricAvailability("fvd", False, FVD_UNSUPPORTED)
 
     cache = weights.cache_dir()
     cache.mkdir()

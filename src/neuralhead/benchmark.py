@@ -137,8 +137,12 @@ def run_benchmark(
     threads: int | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Benchmark every configuration; write and return the results."""
+    """Benchmark every configuration; write and return the results.
+
+    A configuration that takes longer than ``timeout_s`` is stopped and recorded as such.
+    """
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         from neuralhead.errors import InputError
@@ -162,7 +166,15 @@ def run_benchmark(
                 if progress:
                     print(f"benchmarking {model} {resolution}px {device} {precision} ...", file=sys.stderr)
                 with ctx.Pool(1) as pool:
-                    row = pool.apply(_run_one, (spec,))
+                    pending = pool.apply_async(_run_one, (spec,))
+                    try:
+                        row = pending.get(timeout=timeout_s)
+                    except mp.TimeoutError:
+                        # Some kernels have no fast path on some devices (half precision
+                        # convolutions on CPU run on reference code); record that, move on.
+                        pool.terminate()
+                        row = dict(spec, status="timeout",
+                                   reason=f"more than {timeout_s:g} s for {warmup + iterations} forward passes")
                 row["paper_ms_v100"] = PAPER_MS.get(model, {}).get(resolution)
                 rows.append(row)
     results = {
@@ -181,7 +193,7 @@ def format_results(results: dict[str, Any]) -> str:
     lines = [f"{'model':<6}{'res':>6}{'device':>8}{'prec':>6}{'ms/frame':>10}{'fps':>8}{'peak MB':>9}{'paper ms':>10}"]
     for r in results["results"]:
         if r["status"] != "ok":
-            lines.append(f"{r['model']:<6}{r['resolution']:>6}{r['device']:>8}{r['precision']:>6}  unsupported: {r['reason']}")
+            lines.append(f"{r['model']:<6}{r['resolution']:>6}{r['device']:>8}{r['precision']:>6}  {r['status']}: {r['reason']}")
             continue
         paper = r.get("paper_ms_v100")
         lines.append(

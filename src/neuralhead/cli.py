@@ -291,6 +291,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=_positive_int, default=10)
     p.add_argument("--warmup", type=_positive_int, default=3)
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per configuration (default 600)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/dnp.json"))
     p.set_defaults(func=_run_benchmark)
 
@@ -308,6 +309,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         threads=args.threads,
         out=args.out,
+        timeout_s=args.timeout,
     )
     print(format_results(results))
     print(f"results written to {args.out}")

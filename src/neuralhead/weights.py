@@ -1,11 +1,11 @@
 """Registry of the pretrained weight files neuralhead can use, and their verified loading.
 
-Pretrained networks (the VGG16 of LPIPS, ...) are never fetched behind the user's back:
-a file is looked for at an explicit path or in the cache directory (:func:`cache_dir`),
-checked against the SHA-256 of the published file, and only then loaded. A missing or
-corrupt file raises :class:`~neuralhead.errors.WeightsMissingError` with one line that
-says where the file was looked for and how to obtain it. Downloading is opt-in
-(``download=True`` or ``neuralhead weights download NAME``).
+Pretrained networks (the VGG16 of LPIPS, the Inception of FID, ...) are never fetched
+behind the user's back: a file is looked for at an explicit path or in the cache directory
+(:func:`cache_dir`), checked against the SHA-256 of the published file, and only then
+loaded. A missing or corrupt file raises :class:`~neuralhead.errors.WeightsMissingError`
+with one line that says where the file was looked for and how to obtain it. Downloading
+is opt-in (``download=True`` or ``neuralhead weights download NAME``).
 
 ``docs/weights.md`` lists every registered file with its source, licence and digest.
 """
@@ -331,5 +331,22 @@ LPIPS_VGG_V01 = WeightFile(
     size=7289,
 )
 
+INCEPTION_V3_FID = WeightFile(
+    name="inception-v3-fid",
+    filename="pt_inception-2015-12-05-6726825d.pth",
+    # pytorch-fid names the file after the first 8 hex digits of this digest. The full
+    # digest and size are those recorded by independent public projects that verify this
+    # download (some of them for the identical copy torch-fidelity re-publishes under the
+    # name weights-inception-2015-12-05-6726825d.pth); we cannot fetch it here to hash it.
+    sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+    url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    license="Apache-2.0 (pytorch-fid; TensorFlow's inception-2015-12-05 model)",
+    used_by="neuralhead.metrics.fid (FIDInceptionV3)",
+    description="TensorFlow's 2015-12-05 Inception-v3, the network FID is defined with, "
+    "ported to PyTorch by pytorch-fid",
+    size=95_628_359,
+)
+
 register_weights(VGG16_IMAGENET)
 register_weights(LPIPS_VGG_V01)
+register_weights(INCEPTION_V3_FID)

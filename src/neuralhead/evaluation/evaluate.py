@@ -3,6 +3,9 @@
 Self-reenactment (DNP Sec. 4.1, "Reconstruction"): the held-out frames' tracked parameters
 drive the portrait and the output is compared with the real frames: L1 (0-255), PSNR, SSIM,
 and LPIPS / FID when their pretrained weights are present (otherwise listed as unavailable).
+FID compares the set of generated frames with the set of real frames of the split (not
+frame by frame). On a few hundred frames it is strongly biased upwards and only comparable
+between results with the same number of frames (see :mod:`neuralhead.metrics.fid`).
 The output is also re-tracked, and its pose, expression and gaze are compared with those it
 was asked to show (Table 2, with our tracker in place of DECA). Every number is reported for
 the nearest-neighbour retrieval baseline too, and for the real frames re-tracked at the same
@@ -35,8 +38,10 @@ from neuralhead.evaluation.tracked import (
 from neuralhead.fileio import write_json_atomic
 from neuralhead.inference.driving_input import from_dataset, open_driver
 from neuralhead.media.video import VideoWriter
-from neuralhead.metrics import FID_UNSUPPORTED
+from neuralhead.metrics import METRICS
+from neuralhead.metrics.fid import FID
 from neuralhead.metrics.image import l1_255, psnr, ssim
+from neuralhead.metrics.inception import FIDInceptionV3
 from neuralhead.visualize import error_map, grid, label
 
 SHEET_ROWS = 6
@@ -87,6 +92,13 @@ def _load_lpips() -> tuple[torch.nn.Module | None, str | None]:
         return None, str(exc)
 
 
+def _load_fid() -> tuple[FIDInceptionV3 | None, str | None]:
+    try:
+        return FIDInceptionV3.from_pretrained(), None
+    except WeightsMissingError as exc:
+        return None, str(exc)
+
+
 def evaluate_portrait(
     checkpoint: str | Path,
     data: str | Path | None = None,
@@ -124,6 +136,12 @@ def evaluate_portrait(
 
     lpips, lpips_reason = _load_lpips()
     scores = {"model": _ImageScores(lpips), "nearest_neighbour": _ImageScores(lpips)}
+    fid_network, fid_reason = _load_fid()
+    fids: dict[str, FID] = {}
+    if fid_network is not None:
+        fids["model"] = FID(fid_network)
+        if train_files is not None:
+            fids["nearest_neighbour"] = FID(fid_network)
     sheet_at = set(np.linspace(0, len(driver.frames) - 1, min(SHEET_ROWS, len(driver.frames))).astype(int))
     sheet_rows = []
     basis = portrait.data.basis
@@ -139,6 +157,13 @@ def evaluate_portrait(
         if train_files is not None:
             nn_image = _read_frame(train_files, int(portrait.data.frames[nn_rows[i]]), size)
             scores["nearest_neighbour"].add(nn_image, target)
+        if fids:
+            # The real frames' features are computed once and shared by both methods.
+            real_features = fids["model"].features(_to_tensor(target))
+            for name, image in (("model", generated), ("nearest_neighbour", nn_image)):
+                if name in fids:
+                    fids[name].update_features(real_features, real=True)
+                    fids[name].update(_to_tensor(image), real=False)
         if trackers:
             trackers["model"].add(generated)
             trackers["ground_truth_retracked"].add(target)
@@ -158,9 +183,16 @@ def evaluate_portrait(
         for name, tracker in trackers.items():
             methods.setdefault(name, {}).update(parameter_errors(tracker.result(), *asked))
 
-    unavailable = {"fid": FID_UNSUPPORTED, "fvd": "I3D weights are not supported in this version"}
+    unavailable = {"fvd": METRICS["fvd"].unsupported}
     if lpips is None:
         unavailable["lpips"] = lpips_reason
+    if fid_network is None:
+        unavailable["fid"] = fid_reason
+    elif len(driver.frames) < 2:
+        unavailable["fid"] = f"FID needs at least 2 frames, the {split} split has {len(driver.frames)}"
+    else:
+        for name, fid in fids.items():
+            methods.setdefault(name, {})["fid"] = fid.compute()
     if train_files is None:
         unavailable["nearest_neighbour"] = f"the training dataset {own} is not available"
     report: dict[str, Any] = {
@@ -240,7 +272,7 @@ def _rotation_range_deg(pose: np.ndarray) -> dict[str, float]:
 
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of a report."""
-    columns = ["l1_255", "psnr", "ssim", "lpips", "pose_deg", "expression_l1", "gaze_deg", "face_found"]
+    columns = ["l1_255", "psnr", "ssim", "lpips", "fid", "pose_deg", "expression_l1", "gaze_deg", "face_found"]
     methods = report["methods"]
     shown = [c for c in columns if any(c in m for m in methods.values())]
     lines = [

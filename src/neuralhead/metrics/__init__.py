@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from neuralhead import weights
 from neuralhead.errors import WeightsMissingError
+from neuralhead.metrics.fid import FID, fid_from_features, frechet_distance, inception_features
 from neuralhead.metrics.image import l1_255, psnr, ssim
+from neuralhead.metrics.inception import FIDInceptionV3
 from neuralhead.metrics.lpips import LPIPS
 from neuralhead.metrics.pose import expression_distance, gaze_angle_deg, rotation_angle_deg
 
@@ -42,7 +44,7 @@ class MetricAvailability:
     reason: str | None = None
 
 
-FID_UNSUPPORTED = "InceptionV3 FID weights are not supported in this version"
+FVD_UNSUPPORTED = "its I3D network is not part of this version"
 
 METRICS: dict[str, MetricInfo] = {
     info.name: info
@@ -62,7 +64,14 @@ METRICS: dict[str, MetricInfo] = {
             False,
             True,
             "Frechet Inception distance (Heusel et al. 2017)",
-            unsupported=FID_UNSUPPORTED,
+            weights=("inception-v3-fid",),
+        ),
+        MetricInfo(
+            "fvd",
+            False,
+            True,
+            "Frechet video distance (Unterthiner et al. 2018)",
+            unsupported=FVD_UNSUPPORTED,
         ),
         MetricInfo("rotation_angle_deg", False, False, "geodesic head-rotation error, degrees"),
         MetricInfo("gaze_angle_deg", False, False, "angle between gaze directions, degrees"),
@@ -93,14 +102,19 @@ def available_metrics() -> dict[str, MetricAvailability]:
 
 
 __all__ = [
-    "FID_UNSUPPORTED",
+    "FID",
+    "FIDInceptionV3",
+    "FVD_UNSUPPORTED",
     "LPIPS",
     "METRICS",
     "MetricAvailability",
     "MetricInfo",
     "available_metrics",
     "expression_distance",
+    "fid_from_features",
+    "frechet_distance",
     "gaze_angle_deg",
+    "inception_features",
     "l1_255",
     "psnr",
     "rotation_angle_deg",
