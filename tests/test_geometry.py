@@ -1,5 +1,6 @@
 """Rotations and similarity transforms: Euler round trips, the documented sign conventions,
-geodesic angles near 0 and 180 degrees, and Umeyama's fit recovering a known transform."""
+geodesic angles near 0 and 180 degrees, Umeyama's fit recovering a known transform, and the 6D
+representation (Gram–Schmidt) of EMOPortraits."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from neuralhead.errors import InputError
 from neuralhead.geometry.rotation import (
     euler_to_matrix,
+    euler_to_rotation_6d,
     matrix_to_euler,
+    matrix_to_rotation_6d,
+    rotation_6d_to_euler,
+    rotation_6d_to_matrix,
     rotation_angle,
     similarity_transform,
 )
@@ -197,3 +203,74 @@ def test_similarity_of_planar_points_is_a_rotation():
     assert float(torch.det(r)) == pytest.approx(1.0)
     assert float(s) == pytest.approx(2.0)
     assert torch.allclose(r, rot, atol=1e-10)
+
+
+def test_rotation_6d_of_a_hand_computed_input():
+    # a1 = (0, 3, 0), a2 = (5, 0, 2): b1 = e_y, b2 = a2 / |a2| (already orthogonal to b1),
+    # b3 = b1 x b2 = (2, 0, -5) / sqrt(29).
+    x = torch.tensor([0.0, 3.0, 0.0, 5.0, 0.0, 2.0], dtype=torch.float64)
+    root = math.sqrt(29.0)
+    expected = torch.tensor(
+        [[0.0, 5 / root, 2 / root], [1.0, 0.0, 0.0], [0.0, 2 / root, -5 / root]],
+        dtype=torch.float64,
+    )
+    assert torch.allclose(rotation_6d_to_matrix(x), expected, atol=1e-12)
+
+
+def test_rotation_6d_uses_columns_and_projects_the_second():
+    # The columns are (2, 0, 0) and (1, 1, 0): normalised and with e_x removed they are e_x, e_y.
+    x = torch.tensor([2.0, 0.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(rotation_6d_to_matrix(x), torch.eye(3, dtype=torch.float64))
+    rot = euler_to_matrix(random_angles(5, seed=8))
+    six = matrix_to_rotation_6d(rot)
+    assert torch.equal(six[:, :3], rot[:, :, 0]) and torch.equal(six[:, 3:], rot[:, :, 1])
+
+
+def test_rotation_6d_round_trips():
+    rot = euler_to_matrix(random_angles(500, seed=9, max_yaw_deg=180.0))
+    assert torch.allclose(rotation_6d_to_matrix(matrix_to_rotation_6d(rot)), rot, atol=1e-12)
+    g = torch.Generator().manual_seed(10)
+    six = matrix_to_rotation_6d(
+        rotation_6d_to_matrix(torch.randn(500, 6, generator=g, dtype=torch.float64))
+    )
+    assert torch.allclose(matrix_to_rotation_6d(rotation_6d_to_matrix(six)), six, atol=1e-12)
+    angles = random_angles(500, seed=11)
+    assert torch.allclose(rotation_6d_to_euler(euler_to_rotation_6d(angles)), angles, atol=1e-9)
+
+
+def test_rotation_6d_of_random_input_is_a_proper_rotation():
+    torch.manual_seed(0)
+    six = 3 * torch.randn(2, 100, 6)
+    rot = rotation_6d_to_matrix(six)
+    assert rot.shape == (2, 100, 3, 3)
+    eye = torch.eye(3).expand_as(rot)
+    assert torch.allclose(rot @ rot.transpose(-1, -2), eye, atol=1e-5)
+    assert torch.allclose(torch.det(rot), torch.ones(2, 100), atol=1e-5)
+    # The first column keeps the direction of a1 and the second stays in the plane of a1, a2.
+    a1 = six[..., :3] / six[..., :3].norm(dim=-1, keepdim=True)
+    assert torch.allclose(rot[..., :, 0], a1, atol=1e-6)
+    assert torch.allclose((rot[..., :, 2] * six[..., 3:]).sum(-1), torch.zeros(2, 100), atol=1e-4)
+
+
+def test_rotation_6d_gradients_reach_every_input():
+    torch.manual_seed(1)
+    six = torch.randn(4, 6, requires_grad=True)
+    target = euler_to_matrix(torch.randn(4, 3))
+    (rotation_6d_to_matrix(six) - target).square().sum().backward()
+    assert torch.isfinite(six.grad).all()
+    assert (six.grad.abs().sum(0) > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("function", "shape", "message"),
+    [
+        (rotation_6d_to_matrix, (4, 9), r"rotation_6d must have shape \(\.\.\., 6\), got \(4, 9\)"),
+        (matrix_to_rotation_6d, (4, 3, 2), r"matrix must have shape \(\.\.\., 3, 3\)"),
+        (matrix_to_rotation_6d, (3,), r"matrix must have shape"),
+        (euler_to_rotation_6d, (4, 6), r"angles must have shape \(\.\.\., 3\)"),
+        (rotation_6d_to_euler, (3, 3), r"rotation_6d must have shape"),
+    ],
+)
+def test_rotation_6d_rejects_bad_shapes(function, shape, message):
+    with pytest.raises(InputError, match=message):
+        function(torch.zeros(shape))

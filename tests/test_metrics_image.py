@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage.data import astronaut
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from neuralhead.metrics import l1_255, psnr, ssim
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """torchmetrics' functional PSNR and SSIM (a dev dependency, used only as a reference)."""
+    return pytest.importorskip("torchmetrics.functional.image")
 
 
 def _random_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,24 +37,50 @@ def _structured_pair() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("pair", [_random_pair, _structured_pair], ids=["random", "structured"])
-def test_ssim_agrees_with_torchmetrics(pair):
+def test_ssim_agrees_with_torchmetrics(pair, reference):
     pred, target = pair()
     ours = ssim(pred, target)
     assert ours.shape == (pred.shape[0],)
-    reference = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
-    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
-    batch_mean = structural_similarity_index_measure(pred, target, data_range=1.0)
+    theirs = reference.structural_similarity_index_measure(
+        pred, target, data_range=1.0, reduction="none"
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    batch_mean = reference.structural_similarity_index_measure(pred, target, data_range=1.0)
     torch.testing.assert_close(ours.mean(), batch_mean, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("pair", [_random_pair, _structured_pair], ids=["random", "structured"])
-def test_psnr_agrees_with_torchmetrics(pair):
+def test_psnr_agrees_with_torchmetrics(pair, reference):
     pred, target = pair()
     ours = psnr(pred, target)
     per_image = torch.stack(
-        [peak_signal_noise_ratio(p, t, data_range=1.0) for p, t in zip(pred, target)]
+        [reference.peak_signal_noise_ratio(p, t, data_range=1.0) for p, t in zip(pred, target)]
     )
     torch.testing.assert_close(ours, per_image, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("data_range", [1.0, 255.0])
+@pytest.mark.parametrize("shape", [(1, 3, 11, 11), (3, 3, 13, 29), (2, 3, 37, 53), (5, 3, 64, 65)])
+def test_psnr_and_ssim_agree_with_torchmetrics_at_any_size_and_range(shape, data_range, reference):
+    g = torch.Generator().manual_seed(shape[2] * shape[3])
+    target = torch.rand(shape, generator=g)
+    pred = (target + 0.2 * torch.randn(shape, generator=g)).clamp(0, 1)
+    pred, target = pred * data_range, target * data_range
+    ours = ssim(pred, target, data_range=data_range)
+    theirs = reference.structural_similarity_index_measure(
+        pred, target, data_range=data_range, reduction="none"
+    )
+    # torchmetrics' defaults are the paper's: an 11x11 Gaussian window, sigma 1.5.
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    per_image = torch.stack(
+        [
+            reference.peak_signal_noise_ratio(p, t, data_range=data_range)
+            for p, t in zip(pred, target)
+        ]
+    )
+    torch.testing.assert_close(
+        psnr(pred, target, data_range=data_range), per_image, atol=1e-4, rtol=0
+    )
 
 
 def test_data_range_255():

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from neuralhead.metrics import expression_distance, gaze_angle_deg, rotation_angle_deg
+from neuralhead.geometry.rotation import euler_to_matrix
+from neuralhead.metrics import (
+    ard_deg,
+    are_deg,
+    expression_distance,
+    gaze_angle_deg,
+    pose_distance_deg,
+    rotation_angle_deg,
+)
 from neuralhead.metrics.pose import gaze_vector
 
 
@@ -116,3 +124,65 @@ def test_expression_distance():
         expression_distance(e1, e2[:, :3])
     with pytest.raises(ValueError, match="last dimension"):
         expression_distance(torch.tensor(1.0), torch.tensor(2.0))
+
+
+def _euler(pitch: float, yaw: float, roll: float) -> torch.Tensor:
+    """Euler angles in radians from degrees, float64."""
+    return torch.deg2rad(torch.tensor([pitch, yaw, roll], dtype=torch.float64))
+
+
+def test_ard_known_answers():
+    # HeadGAN's ARD is the L1 distance of Euler angles in degrees, averaged over frames.
+    driving = torch.stack([_euler(0, 0, 0), _euler(5, -10, 2), _euler(0, 30, 0)])
+    generated = torch.stack([_euler(0, 10, 0), _euler(2, -4, -1), _euler(0, 30, 0)])
+    per_frame = ard_deg(generated, driving)
+    torch.testing.assert_close(per_frame, torch.tensor([10.0, 12.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(per_frame.mean(), torch.tensor(22.0 / 3, dtype=torch.float64))
+    torch.testing.assert_close(ard_deg(driving, generated), per_frame)
+
+
+def test_ard_wraps_around_180_degrees():
+    a, b = _euler(0, 179, 0), _euler(0, -179, 0)
+    torch.testing.assert_close(ard_deg(a, b), torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(are_deg(_euler(0, 0, 350)), torch.tensor(10.0, dtype=torch.float64))
+
+
+def test_are_is_the_distance_from_the_frontal_pose():
+    poses = torch.stack([_euler(0, 0, 0), _euler(0, 10, 0), _euler(-5, 10, 3)])
+    expected = torch.tensor([0.0, 10.0, 18.0], dtype=torch.float64)
+    torch.testing.assert_close(are_deg(poses), expected)
+    torch.testing.assert_close(are_deg(poses), ard_deg(poses, torch.zeros_like(poses)))
+
+
+def test_pose_distance_is_geodesic_and_convention_free():
+    frontal = _euler(0, 0, 0)
+    torch.testing.assert_close(
+        pose_distance_deg(_euler(0, 10, 0), frontal), torch.tensor(10.0, dtype=torch.float64)
+    )
+    # A yaw and a roll of 10° each combine to less than the 20° that ARD counts.
+    both = _euler(0, 10, 10)
+    assert ard_deg(both, frontal) == pytest.approx(20.0)
+    assert 10.0 < pose_distance_deg(both, frontal) < 20.0
+    g = torch.Generator().manual_seed(0)
+    e1, e2 = (
+        torch.rand(6, 3, generator=g, dtype=torch.float64),
+        torch.rand(6, 3, generator=g, dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        pose_distance_deg(e1, e2), rotation_angle_deg(euler_to_matrix(e1), euler_to_matrix(e2))
+    )
+
+
+def test_euler_metrics_are_differentiable():
+    euler = _euler(4, -7, 12).requires_grad_(True)
+    (ard_deg(euler, torch.zeros(3, dtype=torch.float64)) + are_deg(euler)).backward()
+    assert torch.isfinite(euler.grad).all() and (euler.grad != 0).all()
+
+
+def test_euler_shape_errors():
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        ard_deg(torch.zeros(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        pose_distance_deg(torch.zeros(4, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        are_deg(torch.zeros(4, 6))

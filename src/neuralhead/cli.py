@@ -127,6 +127,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_run_train_dnp)
 
+    from neuralhead.pretrained import gaze_distill
+
+    g = models.add_parser(
+        "gaze",
+        help="distil the gaze + blink network of MegaPortraits (App. B.5) from teacher labels",
+        description="Distil the VGG16-based gaze + blink network used by the gaze loss from a "
+        f"folder of eye crops with teacher labels ({gaze_distill.LABELS_FILE}; see docs/weights.md).",
+    )
+    gaze_distill.add_arguments(g)
+    g.set_defaults(func=gaze_distill.run)
+
 
 def _run_train_dnp(args: argparse.Namespace) -> int:
     from neuralhead.dnp.trainer import DNPTrainOptions, train_dnp
@@ -244,14 +255,28 @@ def _run_reenact(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="score a portrait on held-out frames (and a cross-reenactment) with the paper's metrics",
+        help="score a portrait on held-out frames (--checkpoint), or generated frames against "
+        "reference frames (--pred/--target folders or videos)",
     )
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=None, help="portrait run to score")
+    p.add_argument("--pred", type=Path, default=None,
+                   help="generated frames: a folder of images (sorted by name) or a video")
+    p.add_argument("--target", type=Path, default=None,
+                   help="reference frames, paired with --pred frame by frame")
+    p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
+                   help="--pred/--target: metrics to compute, e.g. psnr ssim lpips fid fvd csim "
+                   "ard_deg (default: all; see docs/evaluation.md)")
+    p.add_argument("--expression-basis", type=Path, default=None,
+                   help="--pred/--target: expression_basis.npz to compare expressions in "
+                   "(default: fitted to the target)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="--pred/--target: frames per batch (default: 8)")
     p.add_argument("--data", type=Path, default=None, help="dataset to score on (default: the training one)")
-    p.add_argument("--split", default="heldout", choices=["heldout", "train", "all"])
+    p.add_argument("--split", default=None, choices=["heldout", "train", "all"], help="default: heldout")
     p.add_argument("--driving", type=Path, default=None,
                    help="also cross-reenact with this video and measure how the output follows it")
-    p.add_argument("--out", type=Path, default=None, help="metrics JSON (default: <checkpoint>/eval/metrics.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="metrics JSON (default: <checkpoint>/eval/metrics.json, or <pred>_metrics.json)")
     p.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG (default beside the JSON)")
     p.add_argument("--max-frames", type=_positive_int, default=None)
     p.add_argument("--no-tracking", action="store_true", help="skip pose/expression/gaze distances")
@@ -262,21 +287,60 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from neuralhead.evaluation.evaluate import evaluate_portrait, format_report
+    paired = args.pred is not None or args.target is not None
+    if paired == (args.checkpoint is not None):
+        raise InputError("give either --checkpoint (score a portrait) or --pred and --target")
+    if paired and (args.pred is None or args.target is None):
+        raise InputError("--pred and --target go together: give both")
+    # Options of the other mode would be silently ignored: say so instead.
+    other_mode = ("data", "split", "driving", "sheet", "no_limit") if paired else (
+        "metrics", "expression_basis", "batch_size")
+    misplaced = ["--" + name.replace("_", "-") for name in other_mode if getattr(args, name) not in (None, False)]
+    if misplaced:
+        mode = "--checkpoint" if paired else "--pred/--target"
+        raise InputError(f"{', '.join(misplaced)} only apply to {mode}")
 
-    report = evaluate_portrait(
-        args.checkpoint,
-        data=args.data,
-        split=args.split,
-        driving=args.driving,
-        out=args.out,
-        sheet=args.sheet,
-        max_frames=args.max_frames,
-        tracking=not args.no_tracking,
-        device=args.device,
-        limit=not args.no_limit,
+    if not paired:
+        from neuralhead.evaluation.evaluate import evaluate_portrait, format_report
+
+        report = evaluate_portrait(
+            args.checkpoint,
+            data=args.data,
+            split=args.split or "heldout",
+            driving=args.driving,
+            out=args.out,
+            sheet=args.sheet,
+            max_frames=args.max_frames,
+            tracking=not args.no_tracking,
+            device=args.device,
+            limit=not args.no_limit,
+        )
+        print(format_report(report))
+        return 0
+
+    from neuralhead.evaluation.paired import (
+        DEFAULT_BATCH_SIZE,
+        PAIRED_METRICS,
+        TRACKED_METRICS,
+        evaluate_pairs,
+        format_table,
     )
-    print(format_report(report))
+
+    metrics = args.metrics or list(PAIRED_METRICS)
+    if args.no_tracking:
+        metrics = [name for name in metrics if name not in TRACKED_METRICS]
+    pred = args.pred.resolve()
+    pairs = evaluate_pairs(
+        args.pred,
+        args.target,
+        metrics=metrics,
+        out=args.out or pred.with_name(pred.stem + "_metrics.json"),
+        max_frames=args.max_frames,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        expression_basis=args.expression_basis,
+        device=args.device,
+    )
+    print(format_table(pairs))
     return 0
 
 

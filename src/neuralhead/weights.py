@@ -40,22 +40,39 @@ class WeightFile:
     ``sha256`` is the full hex digest of the file as published at ``url``; ``size`` its
     length in bytes, when known (a cheap first check that names a truncated download as
     such, and the total for the download progress bar).
+
+    Some files have no single published copy whose digest can be pinned: networks the user
+    trains with neuralhead (the gaze network distilled from a teacher) or converts from a
+    release that is only shared by hand. Such entries have ``sha256=None``, must be
+    ``.safetensors`` files (which cannot run code when read, so an unpinned file is safe to
+    open), and say in ``obtain`` how to produce the file. ``url`` is ``None`` when there is
+    nothing to download.
     """
 
     name: str
     filename: str
-    sha256: str
-    url: str
+    sha256: str | None
+    url: str | None
     license: str
     used_by: str
     description: str
     size: int | None = None
+    obtain: str | None = None
 
     def __post_init__(self) -> None:
-        if not _SHA256_RE.fullmatch(self.sha256):
+        if self.sha256 is None:
+            if not self.filename.endswith(".safetensors"):
+                raise ValueError(
+                    f"weights {self.name!r}: a file without a pinned sha256 must be .safetensors"
+                )
+            if not self.obtain:
+                raise ValueError(f"weights {self.name!r}: an unpinned file needs `obtain` text")
+        elif not _SHA256_RE.fullmatch(self.sha256):
             raise ValueError(
                 f"weights {self.name!r}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}"
             )
+        if self.url is None and not self.obtain:
+            raise ValueError(f"weights {self.name!r}: without a url, `obtain` must say how to get it")
 
 
 _REGISTRY: dict[str, WeightFile] = {}
@@ -73,13 +90,20 @@ def register_weights(entry: WeightFile) -> None:
     _REGISTRY[entry.name] = entry
 
 
+def _register_networks() -> None:
+    """Import the pretrained network definitions, each of which registers its own files."""
+    import neuralhead.pretrained  # noqa: F401
+
+
 def registered_weights() -> list[WeightFile]:
     """All registered weight files, in registration order."""
+    _register_networks()
     return list(_REGISTRY.values())
 
 
 def get_weights(name: str) -> WeightFile:
     """The registry entry called ``name``; :class:`InputError` naming the known ones if absent."""
+    _register_networks()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -112,15 +136,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _how_to_get(entry: WeightFile, *, suggest_command: bool = True) -> str:
+    where = "or set NEURALHEAD_WEIGHTS to the directory that holds it"
+    if entry.url is None:
+        return f"{entry.obtain} Put {entry.filename} into {cache_dir()}, {where}"
     command = f" (or run `neuralhead weights download {entry.name}`)" if suggest_command else ""
-    return (
-        f"download {entry.url} into {cache_dir()}{command}, "
-        "or set NEURALHEAD_WEIGHTS to the directory that holds it"
-    )
+    return f"download {entry.url} into {cache_dir()}{command}, {where}"
 
 
 def _check(entry: WeightFile, path: Path) -> None:
-    """Raise :class:`WeightsMissingError` unless ``path`` holds exactly the published file."""
+    """Raise :class:`WeightsMissingError` unless ``path`` holds exactly the published file.
+
+    An unpinned entry (``sha256=None``) has no digest to compare; its file is accepted as is.
+    """
+    if entry.sha256 is None:
+        return
     stat = path.stat()
     if entry.size is not None and stat.st_size != entry.size:
         raise WeightsMissingError(
@@ -141,6 +170,11 @@ def _check(entry: WeightFile, path: Path) -> None:
 
 def _download(entry: WeightFile, target: Path, *, progress: bool) -> None:
     """Fetch ``entry.url`` next to ``target``, verify it, then move it into place atomically."""
+    if entry.url is None or entry.sha256 is None:
+        raise WeightsMissingError(
+            f"{entry.name} cannot be downloaded (no published file with a pinned digest); "
+            f"{_how_to_get(entry)}"
+        )
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -279,14 +313,14 @@ def status(*, verify: bool = True) -> list[dict]:
 
     Keys: ``name``, ``filename``, ``present`` (bool), ``path`` (where it is or would be),
     ``verified`` (``True``/``False`` for a present file whose digest was checked, ``None``
-    when the file is absent or ``verify=False``).
+    when the file is absent, unpinned (``sha256=None``) or ``verify=False``).
     """
     rows = []
     for entry in registered_weights():
         path = cache_dir() / entry.filename
         present = path.is_file()
         verified: bool | None = None
-        if present and verify:
+        if present and verify and entry.sha256 is not None:
             try:
                 _check(entry, path)
                 verified = True

@@ -38,7 +38,6 @@ from neuralhead.evaluation.tracked import (
 from neuralhead.fileio import write_json_atomic
 from neuralhead.inference.driving_input import from_dataset, open_driver
 from neuralhead.media.video import VideoWriter
-from neuralhead.metrics import METRICS
 from neuralhead.metrics.fid import FID
 from neuralhead.metrics.image import l1_255, psnr, ssim
 from neuralhead.metrics.inception import FIDInceptionV3
@@ -183,7 +182,10 @@ def evaluate_portrait(
         for name, tracker in trackers.items():
             methods.setdefault(name, {}).update(parameter_errors(tracker.result(), *asked))
 
-    unavailable = {"fvd": METRICS["fvd"].unsupported}
+    unavailable = {
+        "fvd": "not part of the portrait evaluation; compare two videos with "
+        "`neuralhead evaluate --pred VIDEO --target VIDEO`"
+    }
     if lpips is None:
         unavailable["lpips"] = lpips_reason
     if fid_network is None:

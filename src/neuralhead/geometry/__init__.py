@@ -1,10 +1,58 @@
-"""Differentiable, batched 3D geometry shared by the trackers and the models."""
+"""Differentiable, batched geometry shared by the trackers and the models: rotations
+(Euler angles, the 6D representation, similarity fits) and 2D/3D backward warping."""
 
 from neuralhead.geometry.rotation import (
     euler_to_matrix,
+    euler_to_rotation_6d,
     matrix_to_euler,
+    matrix_to_rotation_6d,
+    rotation_6d_to_euler,
+    rotation_6d_to_matrix,
     rotation_angle,
     similarity_transform,
 )
+from neuralhead.geometry.warp import (
+    compose_grids,
+    content_transform_grid_3d,
+    flow_to_grid_2d,
+    grid_to_flow_2d,
+    grid_to_offset,
+    identity_grid_2d,
+    identity_grid_3d,
+    offset_to_grid,
+    resize_flow_2d,
+    resize_grid,
+    transform_grid_3d,
+    transform_volume_3d,
+    warp_image_2d,
+    warp_image_by_flow_2d,
+    warp_volume_3d,
+    warp_volume_by_offset_3d,
+)
 
-__all__ = ["euler_to_matrix", "matrix_to_euler", "rotation_angle", "similarity_transform"]
+__all__ = [
+    "compose_grids",
+    "content_transform_grid_3d",
+    "euler_to_matrix",
+    "euler_to_rotation_6d",
+    "flow_to_grid_2d",
+    "grid_to_flow_2d",
+    "grid_to_offset",
+    "identity_grid_2d",
+    "identity_grid_3d",
+    "matrix_to_euler",
+    "matrix_to_rotation_6d",
+    "offset_to_grid",
+    "resize_flow_2d",
+    "resize_grid",
+    "rotation_6d_to_euler",
+    "rotation_6d_to_matrix",
+    "rotation_angle",
+    "similarity_transform",
+    "transform_grid_3d",
+    "transform_volume_3d",
+    "warp_image_2d",
+    "warp_image_by_flow_2d",
+    "warp_volume_3d",
+    "warp_volume_by_offset_3d",
+]

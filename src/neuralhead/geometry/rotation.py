@@ -9,11 +9,18 @@ Euler angles are ``(pitch, yaw, roll)`` in radians, composed as
 x (positive turns the face downwards), yaw a turn about the vertical y axis (positive turns
 the face towards the image's left, the subject's right), roll a tilt in the image plane
 (positive is clockwise on screen).
+
+Networks that predict a rotation use the continuous 6D representation of Zhou et al. (2019)
+instead: the first two *columns* of the matrix, mapped back to a rotation by Gram–Schmidt
+(:func:`rotation_6d_to_matrix`, EMOPortraits supplementary Sec. 3.1, Eq. 3-4).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from neuralhead.errors import InputError
 
 
 def euler_to_matrix(angles: torch.Tensor) -> torch.Tensor:
@@ -56,7 +63,11 @@ def rotation_angle(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     rel = r1.transpose(-1, -2) @ r2
     # atan2 of (|skew part|, trace part) stays accurate near 0 and 180 degrees, where acos does not.
     skew = torch.stack(
-        [rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]],
+        [
+            rel[..., 2, 1] - rel[..., 1, 2],
+            rel[..., 0, 2] - rel[..., 2, 0],
+            rel[..., 1, 0] - rel[..., 0, 1],
+        ],
         -1,
     )
     trace = rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2]
@@ -89,3 +100,58 @@ def similarity_transform(
     scale = (sing * diag).sum(-1) / var_s
     trans = mu_t - scale[..., None] * (rot @ mu_s[..., None])[..., 0]
     return scale, rot, trans
+
+
+def _check_trailing_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tensor.dim() < len(shape) or tuple(tensor.shape[-len(shape) :]) != shape:
+        expected = ", ".join(["..."] + [str(n) for n in shape])
+        raise InputError(f"{name} must have shape ({expected}), got {tuple(tensor.shape)}")
+
+
+def rotation_6d_to_matrix(rotation_6d: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Rotation matrices ``(..., 3, 3)`` from the 6D representation ``(..., 6)``.
+
+    EMOPortraits supplementary Sec. 3.1, Eq. 3-4 (after Zhou et al., 2019): the network
+    outputs a 3x2 matrix whose *columns* are ``a1 = x[..., 0:3]`` and ``a2 = x[..., 3:6]``;
+    the Gram–Schmidt map f_GS gives the columns of the rotation,
+
+        b1 = N(a1),   b2 = N(a2 - (b1 · a2) b1),   b3 = b1 × b2,
+
+    with N the normalisation to unit length. So ``b1 = R e_x`` and ``b2 = R e_y``: the first
+    two columns of the result, the images of the x and y axes. (pytorch3d's
+    ``rotation_6d_to_matrix`` takes rows instead and so returns the transpose of ours.)
+
+    Any input in which ``a1`` and ``a2`` are non-zero and not parallel gives a proper rotation
+    (orthonormal, det = +1); ``eps`` only guards the division for degenerate input.
+    """
+    _check_trailing_shape("rotation_6d", rotation_6d, (6,))
+    a1, a2 = rotation_6d[..., :3], rotation_6d[..., 3:]
+    b1 = F.normalize(a1, dim=-1, eps=eps)
+    b2 = F.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1, eps=eps)
+    b3 = torch.linalg.cross(b1, b2, dim=-1)
+    return torch.stack([b1, b2, b3], dim=-1)
+
+
+def matrix_to_rotation_6d(matrix: torch.Tensor) -> torch.Tensor:
+    """The 6D representation ``(..., 6)`` of rotation matrices ``(..., 3, 3)``.
+
+    The first two columns, concatenated (the convention of :func:`rotation_6d_to_matrix`, of
+    which this is the exact inverse on rotation matrices).
+    """
+    _check_trailing_shape("matrix", matrix, (3, 3))
+    return torch.cat([matrix[..., :, 0], matrix[..., :, 1]], dim=-1)
+
+
+def euler_to_rotation_6d(angles: torch.Tensor) -> torch.Tensor:
+    """6D representation ``(..., 6)`` from Euler angles ``(..., 3)`` = (pitch, yaw, roll)."""
+    _check_trailing_shape("angles", angles, (3,))
+    return matrix_to_rotation_6d(euler_to_matrix(angles))
+
+
+def rotation_6d_to_euler(rotation_6d: torch.Tensor) -> torch.Tensor:
+    """Euler angles ``(..., 3)`` = (pitch, yaw, roll) from the 6D representation ``(..., 6)``.
+
+    Goes through :func:`rotation_6d_to_matrix`, so it accepts unnormalised network output;
+    the gimbal-lock rule of :func:`matrix_to_euler` applies.
+    """
+    return matrix_to_euler(rotation_6d_to_matrix(rotation_6d))

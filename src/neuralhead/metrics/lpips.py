@@ -1,8 +1,9 @@
 """LPIPS, the learned perceptual image patch similarity (Zhang et al., "The Unreasonable
 Effectiveness of Deep Features as a Perceptual Metric", CVPR 2018), VGG16 variant v0.1.
 
-Written without torchvision. The feature network's parameters are named as in
-torchvision's ``vgg16().features`` and the linear heads as in the published
+Written without torchvision. The feature network is
+:class:`neuralhead.pretrained.vgg.VGG16`, whose parameters are named as in torchvision's
+``vgg16().features``, and the linear heads are named as in the published
 ``weights/v0.1/vgg.pth`` of the authors' ``lpips`` package, so that both published files
 load unchanged through :mod:`neuralhead.weights`.
 """
@@ -17,19 +18,15 @@ from torch import nn
 from neuralhead import weights
 from neuralhead.errors import InputError
 from neuralhead.metrics.image import _as_batch, _out
+from neuralhead.pretrained.vgg import VGG16
 
-# torchvision's VGG16 ("configuration D" of Simonyan & Zisserman 2015) up to relu5_3: the
-# last max-pool is left out because LPIPS does not use it; it has no parameters, so the
-# indices and names of the convolutions are those of torchvision.
-_VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-
-#: Indices in ``features`` of relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3.
-VGG16_TAPS = (3, 8, 15, 22, 29)
-VGG16_TAP_CHANNELS = (64, 128, 256, 512, 512)
+#: The VGG16 layers LPIPS compares, and their channels.
+LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
 #: Parameter names of the published LPIPS v0.1 VGG heads (read from ``vgg.pth`` in the
 #: lpips 0.1.4 wheel): one bias-free 1x1 convolution per tap, shaped ``(1, C, 1, 1)``.
-LPIPS_HEAD_KEYS = tuple(f"lin{i}.model.1.weight" for i in range(len(VGG16_TAPS)))
+LPIPS_HEAD_KEYS = tuple(f"lin{i}.model.1.weight" for i in range(len(LPIPS_LAYERS)))
 
 # LPIPS's ScalingLayer: maps its [-1, 1] input to ImageNet normalisation. These are the
 # ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) moved to [-1, 1].
@@ -38,47 +35,6 @@ _SCALE = (0.458, 0.448, 0.450)
 
 _EPS = 1e-10
 _MIN_SIZE = 16
-
-
-class VGG16Features(nn.Module):
-    """The convolutional part of VGG16 (Simonyan & Zisserman 2015) up to relu5_3.
-
-    ``forward`` returns the activations at :data:`VGG16_TAPS`. Parameter names
-    (``features.0.weight`` ...) are torchvision's, so its ImageNet file loads with
-    :meth:`load_torchvision_state_dict`.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for spec in _VGG16_LAYERS:
-            if spec == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(channels, spec, kernel_size=3, padding=1), nn.ReLU()]
-                channels = spec
-        self.features = nn.Sequential(*layers)
-        # torchvision's initialisation, so that an untrained network (as in the tests)
-        # has activations of a sensible scale through all 13 convolutions.
-        for module in self.features:
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        taps = []
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in VGG16_TAPS:
-                taps.append(x)
-        return taps
-
-    def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load the ``features.*`` entries of a torchvision VGG16 state dict (its
-        ``classifier.*`` entries are not needed here and are ignored)."""
-        features = {k: v for k, v in state.items() if k.startswith("features.")}
-        self.load_state_dict(features, strict=True)
 
 
 class _LinearHead(nn.Module):
@@ -117,8 +73,9 @@ class LPIPS(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = VGG16Features()
-        for index, channels in enumerate(VGG16_TAP_CHANNELS):
+        # The trunk only, up to relu5_3: LPIPS applies its own input scaling (below).
+        self.net = VGG16(LPIPS_LAYERS)
+        for index, channels in enumerate(LPIPS_CHANNELS):
             self.add_module(f"lin{index}", _LinearHead(channels))
         # Constants, not weights: kept out of the state dict so that it holds exactly the
         # published parameters.
@@ -143,14 +100,14 @@ class LPIPS(nn.Module):
         :class:`~neuralhead.errors.WeightsMissingError` saying how to obtain it.
         """
         model = cls()
-        model.net.load_torchvision_state_dict(
+        model.net.load_published(
             weights.load_state_dict("vgg16-imagenet", vgg_path, download=download)
         )
         model.load_heads(weights.load_state_dict("lpips-vgg-v0.1", heads_path, download=download))
         return model
 
     def heads(self) -> list[_LinearHead]:
-        return [getattr(self, f"lin{index}") for index in range(len(VGG16_TAPS))]
+        return [getattr(self, f"lin{index}") for index in range(len(LPIPS_LAYERS))]
 
     def load_heads(self, state: dict[str, torch.Tensor]) -> None:
         """Load the linear heads from a state dict keyed like the published ``vgg.pth``."""
@@ -165,7 +122,8 @@ class LPIPS(nn.Module):
         # vector_norm, not sqrt(sum of squares): its gradient is 0, not NaN, where a
         # feature vector is all zero (a dead ReLU position).
         return [
-            f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + _EPS) for f in self.net(scaled)
+            f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + _EPS)
+            for f in self.net.extract(scaled)
         ]
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -310,14 +310,22 @@ class Engine:
         step = start_step
         started = last_ckpt = time.time()
         stop = _StopFlag()
+        # With a time budget the budget, not a step count nobody will reach, is what ends the
+        # run, so the bar counts seconds and shows the step beside the loss.
+        timed = opts.time_budget_minutes is not None
         bar = tqdm(
-            total=opts.max_steps,
-            initial=start_step,
+            total=round(60 * opts.time_budget_minutes) if timed else opts.max_steps,
+            initial=0 if timed else start_step,
             desc="training",
-            unit="step",
+            unit="s" if timed else "step",
             disable=not (opts.progress and self.is_main),
             dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
+            if timed
+            else None,
         )
+        postfix: dict[str, str] = {}
+        last_refresh = 0.0
         window: dict[str, list[float]] = {}
         window_start, window_steps = time.time(), 0
         try:
@@ -328,7 +336,15 @@ class Engine:
                     window_steps += 1
                     for k, v in values.items():
                         window.setdefault(k, []).append(float(v))
-                    bar.update()
+                    if timed:
+                        now = time.time()
+                        if now - last_refresh > 0.5:
+                            bar.n = min(bar.total, now - started)
+                            postfix["step"] = str(step)
+                            bar.set_postfix(postfix)
+                            last_refresh = now
+                    else:
+                        bar.update()
                     if step % opts.log_every == 0 or step == opts.max_steps:
                         stats = {k: sum(v) / len(v) for k, v in window.items()}
                         stats = self.reduce_mean(stats)
@@ -336,7 +352,8 @@ class Engine:
                         stats.update(_memory_stats(self.device))
                         self.write_stats(step, "train", stats)
                         log.info("step %d %s", step, _fmt(stats))
-                        bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}")
+                        postfix["loss"] = f"{stats.get('loss', float('nan')):.4f}"
+                        bar.set_postfix(postfix)
                         window, window_start, window_steps = {}, time.time(), 0
                     if self.is_main and opts.preview_every and step % opts.preview_every == 0:
                         image = task.preview(step)
