@@ -281,3 +281,25 @@ def test_cli_download(cache, registry, tmp_path, capsys):
     assert "already present" in capsys.readouterr().out
     with pytest.raises(InputError, match="unknown weights"):
         _cli(["weights", "download", "nope"])
+
+
+def test_every_registered_file_is_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "weights.md").read_text()
+    for entry in weights.registered_weights():
+        assert f"`{entry.name}`" in doc, f"{entry.name} missing from docs/weights.md"
+        assert f"`{entry.filename}`" in doc
+        if entry.sha256 is not None:
+            assert entry.sha256 in doc
+
+
+def test_unpinned_entry_rules():
+    with pytest.raises(ValueError, match="safetensors"):
+        WeightFile("x", "x.pth", None, None, "l", "u", "d", obtain="train it")
+    with pytest.raises(ValueError, match="obtain"):
+        WeightFile("x", "x.safetensors", None, None, "l", "u", "d")
+
+
+def test_unpinned_file_cannot_be_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALHEAD_WEIGHTS", str(tmp_path))
+    with pytest.raises(WeightsMissingError, match="distil"):
+        weights.weights_path("gaze-blink", download=True)

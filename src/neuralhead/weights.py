@@ -347,7 +347,8 @@ VGG16_IMAGENET = WeightFile(
     sha256="397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
     url="https://download.pytorch.org/models/vgg16-397923af.pth",
     license="BSD-3-Clause (torchvision)",
-    used_by="neuralhead.metrics.lpips.LPIPS (feature network)",
+    used_by="neuralhead.metrics.lpips.LPIPS (feature network); neuralhead.pretrained.vgg.VGG16; "
+    "the starting point of gaze distillation (neuralhead train gaze)",
     description="torchvision VGG16 trained on ImageNet-1k (VGG16_Weights.IMAGENET1K_V1)",
     size=553_433_881,
 )
