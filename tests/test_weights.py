@@ -238,6 +238,7 @@ def test_status_rows(cache, registry):
         "present": True,
         "path": str(cache / "good.pth"),
         "verified": True,
+        "pinned": True,
     }
     assert rows["bad"]["present"] and rows["bad"]["verified"] is False
     assert not rows["absent"]["present"] and rows["absent"]["verified"] is None

@@ -312,6 +312,7 @@ def status(*, verify: bool = True) -> list[dict]:
     """One row per registered file, as found in :func:`cache_dir`.
 
     Keys: ``name``, ``filename``, ``present`` (bool), ``path`` (where it is or would be),
+    ``pinned`` (whether the entry has a digest to check),
     ``verified`` (``True``/``False`` for a present file whose digest was checked, ``None``
     when the file is absent, unpinned (``sha256=None``) or ``verify=False``).
     """
@@ -333,6 +334,7 @@ def status(*, verify: bool = True) -> list[dict]:
                 "present": present,
                 "path": str(path),
                 "verified": verified,
+                "pinned": entry.sha256 is not None,
             }
         )
     return rows

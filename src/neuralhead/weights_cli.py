@@ -23,6 +23,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _state(row: dict) -> str:
     if not row["present"]:
         return "missing"
+    if not row["pinned"]:
+        return "present (no digest to check)"
     if row["verified"] is None:
         return "present"
     return "ok" if row["verified"] else "BAD SHA256"
@@ -66,6 +68,9 @@ def _check(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     """Download one registered file into the cache directory (no-op if already verified)."""
     entry = weights.get_weights(args.name)
+    if entry.url is None or entry.sha256 is None:
+        # weights_path says how to make the file instead.
+        weights.weights_path(entry.name, download=True)
     try:
         path = weights.weights_path(entry.name)
         print(f"{entry.name}: already present and verified at {path}")
