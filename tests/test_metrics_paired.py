@@ -27,6 +27,7 @@ from neuralhead.evaluation.paired import (
 from neuralhead.media.video import VideoWriter
 from neuralhead.metrics import csim, l1_255, psnr, ssim
 from neuralhead.metrics import fid as fid_module
+from neuralhead.metrics.identity import five_points_from_mesh
 from neuralhead.metrics.lpips import LPIPS
 
 
@@ -116,6 +117,7 @@ def test_folders_of_images(tmp_path):
         networks={"lpips": lpips, "csim": identity},
         batch_size=2,  # batches of 2, 2 and 1 frames
         out=tmp_path / "out" / "metrics.json",
+        tracking=False,  # no faces here: CSIM on whole frames, as before alignment
         progress=False,
     )
     p, t = _tensor(pred), _tensor(target)
@@ -132,10 +134,13 @@ def test_folders_of_images(tmp_path):
         assert report["metrics"][name] == pytest.approx(float(value), rel=1e-5), name
     assert report["num_frames"] == 5 and report["size"] == [32, 32]
     assert report["unavailable"] == {} and "tracking" not in report
+    assert report["csim_frames"] == 5 and report["csim_aligned"] is False
+    assert report["csim_unaligned_reason"] == "face tracking is disabled"
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved == {k: v for k, v in report.items() if k != "json"}
     table = format_table(report)
     assert "5 frame pairs at 32x32" in table
+    assert "csim: whole frames, not aligned (face tracking is disabled)" in table
     assert any(line.startswith("psnr") and line.endswith("higher") for line in table.splitlines())
     assert any(line.startswith("lpips") and line.endswith("lower") for line in table.splitlines())
 
@@ -289,12 +294,62 @@ def test_expression_basis_from_a_file_and_frames_without_faces(faces, tmp_path):
     assert report["metrics"]["expression_distance"] > 0
 
     blank = _write_folder(tmp_path / "blank", _smooth_frames(4, size=128))
-    report = evaluate_pairs(blank, faces["target"], metrics=["ard_deg", "psnr"], progress=False)
+    report = evaluate_pairs(
+        blank,
+        faces["target"],
+        metrics=["ard_deg", "psnr", "csim"],
+        networks={"csim": TinyIdentityNet()},
+        progress=False,
+    )
     assert (
         report["tracking"]["face_found_pred"] == 0 and report["tracking"]["face_found_target"] == 1
     )
     assert "no frame where the tracker found a face" in report["unavailable"]["ard_deg"]
     assert "psnr" in report["metrics"]
+    assert report["csim_frames"] == 0 and "csim" not in report["metrics"]
+    assert "no frame pair where the tracker found a face" in report["unavailable"]["csim"]
+
+
+def test_csim_on_faces_aligned_with_their_own_landmarks(faces, tmp_path):
+    from neuralhead.tracking.mediapipe_backend import FaceMeshTracker
+
+    torch.manual_seed(2)
+    identity = TinyIdentityNet()
+    target = [cv2.imread(str(f))[:, :, ::-1].copy() for f in sorted(faces["target"].iterdir())]
+    turned = [cv2.imread(str(f))[:, :, ::-1].copy() for f in sorted(faces["turned"].iterdir())]
+    turned[1] = _smooth_frames(1, size=128)[0]  # a frame without a face is left out
+    pred = _write_folder(tmp_path / "pred", turned)
+
+    networks = {"csim": identity}
+    report = evaluate_pairs(
+        pred, faces["target"], metrics=["csim"], networks=networks, batch_size=3, progress=False
+    )
+    assert report["csim_frames"] == 3 and report["csim_aligned"] is True
+    assert "tracking" not in report  # only CSIM asked for: nothing else tracked or kept
+
+    # The same by hand: each sequence tracked on its own, each image aligned with its points.
+    kept = [0, 2, 3]
+    points = []
+    for frames in (turned, target):
+        with FaceMeshTracker() as tracker:
+            meshes = [tracker.process(frame) for frame in frames]
+        points.append(five_points_from_mesh(torch.from_numpy(np.stack([meshes[i] for i in kept]))))
+    with torch.no_grad():
+        expected = csim(
+            _tensor([turned[i] for i in kept]),
+            _tensor([target[i] for i in kept]),
+            identity,
+            pred_points=points[0],
+            target_points=points[1],
+        )
+    assert report["metrics"]["csim"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert "csim: faces aligned to ArcFace's five-point template, over 3 frame pairs" in (
+        format_table(report)
+    )
+    same = evaluate_pairs(
+        faces["target"], faces["target"], metrics=["csim"], networks=networks, progress=False
+    )
+    assert same["csim_frames"] == 4 and same["metrics"]["csim"] == pytest.approx(1.0, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------- CLI

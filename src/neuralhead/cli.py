@@ -338,6 +338,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
         expression_basis=args.expression_basis,
+        tracking=not args.no_tracking,
         device=args.device,
     )
     print(format_table(pairs))

@@ -4,8 +4,15 @@
 prediction is compared with frame ``i`` of the target (self-reenactment, or any method's
 output beside its ground truth), with the metrics the papers report:
 
-* per frame, averaged over frames: L1 (0-255), PSNR, SSIM, LPIPS (DNP Sec. 4.1, HeadGAN
-  App. E, MegaPortraits Sec. 4.4) and CSIM (HeadGAN App. E);
+* per frame, averaged over frames: L1 (0-255), PSNR, SSIM and LPIPS (DNP Sec. 4.1, HeadGAN
+  App. E, MegaPortraits Sec. 4.4);
+* CSIM (HeadGAN App. E) per frame pair with a face in both images, averaged over those
+  (their number is ``csim_frames`` in the report): each image's face is warped onto ArcFace's
+  five-point template (:func:`~neuralhead.metrics.identity.align_faces`) with the eye, nose
+  and mouth points of its own tracked face mesh, as ArcFace expects its input. With tracking
+  disabled (``tracking=False``, ``neuralhead evaluate --no-tracking``) or unavailable, every
+  pair's whole frames are compared instead, which is only meaningful for aligned face crops;
+  ``csim_aligned`` in the report says which was done;
 * over the two sets: FID on frames and FVD on 16-frame clips (HeadGAN App. E);
 * on the faces re-tracked with the project's tracker (mediapipe face mesh, as in
   :mod:`neuralhead.evaluation.tracked`), over frames where a face is found in both: the
@@ -18,8 +25,9 @@ components as ``neuralhead prepare`` uses, fewer for short clips); pass a datase
 ``expression_basis.npz`` to measure in that person's basis instead.
 
 Frames are read one at a time (videos are streamed), processed ``batch_size`` at a time and
-dropped; what stays is one number per frame and metric, the running FID/FVD statistics, and
-the face-mesh landmarks of both sequences (11 KB per frame pair) for the tracked metrics.
+dropped; what stays is one number per frame and metric, the running FID/FVD statistics, and,
+when tracked metrics are asked for, the face-mesh landmarks of both sequences (11 KB per
+frame pair).
 A metric whose network or input is missing is listed under ``unavailable`` with the reason,
 never estimated.
 """
@@ -48,7 +56,7 @@ from neuralhead.media.video import VideoReader
 from neuralhead.metrics import METRICS
 from neuralhead.metrics.fid import FID
 from neuralhead.metrics.fvd import FVD
-from neuralhead.metrics.identity import CSIM
+from neuralhead.metrics.identity import CSIM, five_points_from_mesh
 from neuralhead.metrics.image import l1_255, psnr, ssim
 from neuralhead.metrics.landmarks import mouth_landmark_distance, mouth_shape_error
 from neuralhead.metrics.pose import (
@@ -206,18 +214,23 @@ class _LandmarkTrack:
 
     :class:`~neuralhead.evaluation.tracked.SequenceTracker` reads pose, gaze and expression
     in a basis fixed in advance; here the basis may be fitted to the target after tracking,
-    and the mouth metrics need the landmarks themselves, so they are kept.
+    and the mouth metrics need the landmarks themselves, so they are kept (with ``keep``;
+    CSIM's alignment only needs each frame's landmarks while its batch is scored).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
         self._tracker = FaceMeshTracker()
+        self._keep = keep
         self._landmarks: list[np.ndarray] = []
 
-    def add(self, frame: np.ndarray) -> None:
+    def add(self, frame: np.ndarray) -> np.ndarray:
+        """The frame's landmarks ``(478, 3)`` in pixels, NaN without a face."""
         points = self._tracker.process(frame)
         if points is None:
             points = np.full((NUM_LANDMARKS, 3), np.nan, np.float32)
-        self._landmarks.append(points)
+        if self._keep:
+            self._landmarks.append(points)
+        return points
 
     def close(self) -> None:
         self._tracker.close()
@@ -337,7 +350,14 @@ class _Scores:
         self.per_frame.update({name: [] for name in ("lpips", "csim") if name in loaded})
 
     @torch.no_grad()
-    def add(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def add(
+        self,
+        batch: list[tuple[np.ndarray, np.ndarray]],
+        landmarks: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        """Score a batch of frame pairs; ``landmarks`` are each pair's face meshes (NaN
+        where no face was found), or None when faces are not tracked and CSIM is computed
+        on whole frames."""
         pred = _to_tensor([a for a, _ in batch], self.device)
         target = _to_tensor([b for _, b in batch], self.device)
         try:
@@ -349,7 +369,7 @@ class _Scores:
         except ValueError as exc:  # frames too small for SSIM's window or LPIPS's pooling
             raise InputError(str(exc)) from exc
         if self.identity is not None:
-            self.per_frame["csim"] += self.identity.update(pred, target).tolist()
+            self.per_frame["csim"] += _identity_similarities(self.identity, pred, target, landmarks)
         if self.fid is not None:
             self.fid.update(pred, real=False)
             self.fid.update(target, real=True)
@@ -359,8 +379,13 @@ class _Scores:
 
     def results(self) -> tuple[dict[str, float], dict[str, str]]:
         """Means of the per-frame metrics and the set metrics; (values, unavailable)."""
-        values = {name: float(np.mean(v)) for name, v in self.per_frame.items()}
         unavailable: dict[str, str] = {}
+        if self.identity is not None and not self.per_frame["csim"]:
+            unavailable["csim"] = (
+                "no frame pair where the tracker found a face in both pred and target, so no "
+                "face to align for ArcFace"
+            )
+        values = {name: float(np.mean(v)) for name, v in self.per_frame.items() if v}
         for name, accumulator in (("fid", self.fid), ("fvd", self.fvd)):
             if accumulator is not None:
                 try:
@@ -381,6 +406,7 @@ def evaluate_pairs(
     expression_basis: str | Path | None = None,
     networks: Mapping[str, nn.Module] | None = None,
     device: str | torch.device = "cpu",
+    tracking: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score the frames at ``pred`` against those at ``target`` (see the module docstring).
@@ -395,6 +421,10 @@ def evaluate_pairs(
     published weights (a custom or test network with the same call signature). The report
     is returned, and written as JSON to ``out`` when given (atomically); a progress bar goes
     to stderr unless ``progress`` is false.
+
+    ``tracking=False`` skips the face tracker: the tracked metrics are then unavailable and
+    CSIM compares whole frames, unaligned (``csim_aligned`` is false in the report), which
+    is only meaningful for frames that are already face crops aligned as ArcFace expects.
     """
     wanted = list(PAIRED_METRICS if metrics is None else dict.fromkeys(metrics))
     unknown = [name for name in wanted if name not in PAIRED_METRICS]
@@ -416,13 +446,18 @@ def evaluate_pairs(
     scores = _Scores(wanted, networks, batch_size, device)
     unavailable = dict(scores.unavailable)
     tracked = [name for name in TRACKED_METRICS if name in wanted]
+    # Why CSIM, if computed, compares whole frames rather than aligned faces.
+    unaligned_reason: str | None = None
+    if not tracking:
+        unavailable.update(dict.fromkeys(tracked, "face tracking is disabled"))
+        tracked, unaligned_reason = [], "face tracking is disabled"
     tracks: list[_LandmarkTrack] = []
-    if tracked:
+    if tracked or (tracking and scores.identity is not None):
         try:
-            tracks = [_LandmarkTrack(), _LandmarkTrack()]
+            tracks = [_LandmarkTrack(keep=bool(tracked)) for _ in range(2)]
         except NeuralheadError as exc:  # mediapipe is missing
             unavailable.update(dict.fromkeys(tracked, str(exc)))
-            tracked = []
+            tracked, unaligned_reason = [], str(exc)
 
     expected = pred_source.num_frames or target_source.num_frames
     if expected is not None and max_frames is not None:
@@ -444,18 +479,19 @@ def evaluate_pairs(
             contextlib.closing(_pairs(pred_source, target_source, max_frames))
         )
         batch: list[tuple[np.ndarray, np.ndarray]] = []
+        landmarks: list[tuple[np.ndarray, np.ndarray]] = []
         for a, b in pairs:
             size = a.shape[:2]
             count += 1
-            for track, frame in zip(tracks, (a, b)):
-                track.add(frame)
             batch.append((a, b))
+            if tracks:
+                landmarks.append((tracks[0].add(a), tracks[1].add(b)))
             if len(batch) == batch_size:
-                scores.add(batch)
-                batch = []
+                scores.add(batch, landmarks if tracks else None)
+                batch, landmarks = [], []
             bar.update(1)
         if batch:
-            scores.add(batch)
+            scores.add(batch, landmarks if tracks else None)
 
     values, set_unavailable = scores.results()
     unavailable.update(set_unavailable)
@@ -467,12 +503,17 @@ def evaluate_pairs(
         "num_frames": count,
         "size": [int(size[1]), int(size[0])],
     }
-    if tracks:
+    if tracked:
         tracked_values, report["tracking"], tracked_unavailable = _tracked_metrics(
             tracks[0].landmarks(), tracks[1].landmarks(), tracked, basis_path
         )
         values.update(tracked_values)
         unavailable.update(tracked_unavailable)
+    if scores.identity is not None:
+        report["csim_frames"] = len(scores.per_frame["csim"])
+        report["csim_aligned"] = bool(tracks)
+        if not tracks:
+            report["csim_unaligned_reason"] = unaligned_reason
     report["metrics"] = {name: values[name] for name in PAIRED_METRICS if name in values}
     report["unavailable"] = {n: unavailable[n] for n in PAIRED_METRICS if n in unavailable}
     if out is not None:
@@ -481,6 +522,34 @@ def evaluate_pairs(
         write_json_atomic(out, report)
         report["json"] = str(out)
     return report
+
+
+def _identity_similarities(
+    identity: CSIM,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    landmarks: list[tuple[np.ndarray, np.ndarray]] | None,
+) -> list[float]:
+    """CSIM of a batch of frame pairs: of the faces aligned with each image's own face mesh,
+    for the pairs with a face in both, or of the whole frames when ``landmarks`` is None."""
+    if landmarks is None:
+        return identity.update(pred, target).tolist()
+    # A pair without a face on either side is skipped: there is nothing to align, and
+    # ArcFace's embedding of a face-less frame says nothing about identity.
+    faces = [
+        i for i, (a, b) in enumerate(landmarks) if not (np.isnan(a).any() or np.isnan(b).any())
+    ]
+    if not faces:
+        return []
+    meshes = torch.from_numpy(np.stack([np.stack(landmarks[i]) for i in faces]))
+    index = torch.tensor(faces, device=pred.device)
+    values = identity.update(
+        pred[index],
+        target[index],
+        pred_points=five_points_from_mesh(meshes[:, 0]),
+        target_points=five_points_from_mesh(meshes[:, 1]),
+    )
+    return values.tolist()
 
 
 def _to_tensor(frames: list[np.ndarray], device: str | torch.device) -> torch.Tensor:
@@ -507,6 +576,17 @@ def format_table(report: dict[str, Any]) -> str:
             f"{tracking['face_found_target']:.0%} of target frames; tracked metrics over "
             f"{tracking['frames_compared']} frames"
         )
+    if "csim_frames" in report:
+        if report["csim_aligned"]:
+            lines.append(
+                f"csim: faces aligned to ArcFace's five-point template, over "
+                f"{report['csim_frames']} frame pairs with a face in both"
+            )
+        else:
+            lines.append(
+                f"csim: whole frames, not aligned ({report['csim_unaligned_reason']}); "
+                "only meaningful for aligned face crops"
+            )
     # Metrics sharing a cause (the tracked ones without a face) share one line.
     by_reason: dict[str, list[str]] = {}
     for name, reason in report["unavailable"].items():
