@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuralhead import weights
+from neuralhead.nn.pretrained import init_frozen_feature_network
 
 #: Side of the square input the network was trained at; images are resized to it.
 INPUT_SIZE = 299
@@ -245,11 +246,7 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, NUM_CLASSES)
         # Our choice for untrained networks (the tests'): He initialisation keeps the
         # activations at a usable scale through the 94 convolutions.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        self.requires_grad_(False)
-        self.eval()
+        init_frozen_feature_network(self)
 
     @classmethod
     def from_pretrained(

@@ -80,3 +80,20 @@ class PretrainedModel(nn.Module):
         model = cls(config_from_dict(cls.config_class, data))
         model.load_state_dict(load_file(weights_path, device=map_location))
         return model
+
+
+def init_frozen_feature_network(network: nn.Module, **kaiming: Any) -> None:
+    """He-initialise the convolutions of a pretrained feature network, then freeze it.
+
+    Published weights replace these values; the initialisation matters for networks used
+    untrained (tests, or a run without the file), where it keeps activations at a usable scale
+    through dozens of layers. ``kaiming`` goes to :func:`torch.nn.init.kaiming_normal_`
+    (default ``mode="fan_in", nonlinearity="relu"``). The network is left in eval mode with
+    ``requires_grad`` off.
+    """
+    options = kaiming or {"mode": "fan_in", "nonlinearity": "relu"}
+    for module in network.modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            nn.init.kaiming_normal_(module.weight, **options)
+    network.requires_grad_(False)
+    network.eval()

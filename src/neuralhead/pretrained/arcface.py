@@ -26,6 +26,7 @@ from torch import nn
 
 from neuralhead import weights
 from neuralhead.errors import InputError
+from neuralhead.nn.pretrained import init_frozen_feature_network
 
 #: Side of the aligned face crop the released models were trained on (insightface's
 #: 5-point template); inputs are resized to it.
@@ -119,11 +120,7 @@ class ArcFace(nn.Module):
         self.features = nn.BatchNorm1d(EMBEDDING_DIM)
         # Our choice for untrained networks (the tests'): He initialisation keeps activations
         # at a usable scale; the released weights replace it.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        self.requires_grad_(False)
-        self.eval()
+        init_frozen_feature_network(self)
 
     @classmethod
     def from_pretrained(

@@ -28,6 +28,7 @@ from torch import nn
 
 from neuralhead import weights
 from neuralhead.errors import InputError
+from neuralhead.nn.pretrained import init_frozen_feature_network
 
 #: Side of the square input the network was trained and is run at.
 INPUT_SIZE = 512
@@ -263,11 +264,7 @@ class FaceParser(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
         # Our choice for untrained networks (the tests'), as the reference initialises its
         # convolutions before training: He initialisation with a = 1.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, a=1)
-        self.requires_grad_(False)
-        self.eval()
+        init_frozen_feature_network(self, a=1)
 
     @classmethod
     def from_pretrained(

@@ -31,6 +31,7 @@ from torch import nn
 
 from neuralhead import weights
 from neuralhead.errors import InputError
+from neuralhead.nn.pretrained import init_frozen_feature_network
 
 #: Frame side the network was trained at; frames are resized to it.
 INPUT_SIZE = 224
@@ -160,11 +161,7 @@ class I3D(nn.Module):
         self.logits = Unit3D(self.Mixed_5c.out_channels, NUM_CLASSES, classifier=True)
         # Our choice for untrained networks (the tests'): He initialisation keeps activations
         # at a usable scale through the 58 convolutions; the published weights replace it.
-        for module in self.modules():
-            if isinstance(module, nn.Conv3d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-        self.requires_grad_(False)
-        self.eval()
+        init_frozen_feature_network(self)
 
     @classmethod
     def from_pretrained(
