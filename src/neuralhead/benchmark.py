@@ -7,6 +7,23 @@ generator's forward pass only (as in DNP Table 4: "forward pass time ... without
 pre-processing"), batch 1 by default, after warm-up; the median of the timed iterations is
 reported with the mean and the 90th percentile.
 
+Models: ``dnp`` (the ``dnp-<resolution>`` presets) and ``headgan`` (the generator G = (F, R)
+of ``headgan-256``, with audio, at the given resolution; 256 is the paper's). For HeadGAN the
+time excludes the face tracking, 3DMM fitting, NCC rendering and audio features that prepare
+its inputs. The paper figures, recorded beside each row, are DNP's Table 4 (Tesla V100),
+which also lists HeadGAN at 41 ms per 256x256 frame.
+
+MegaPortraits (each at the resolution of the input it takes; 512, the paper's, by default):
+``megaportraits-base`` times G_base per driving frame, the way reenactment runs it: the
+source is encoded once outside the timing (E_app, the source warp and G3D), and each frame
+runs E_mtn, the driver warp, P and G2D (:class:`MegaPortraitsFrame`);
+``megaportraits-enhancer`` times G_enh alone (512 -> 1024, Sec. 3.2), to be added to the
+base model's time for G_HR; ``megaportraits-student`` times the distilled student G_DT with
+100 avatars (Sec. 3.3). The paper's only speed figure, recorded in ``paper_reference`` of
+the student's 512 rows, is 130 FPS on an RTX 3090 in FP16 (Sec. 4.5, Fig. 6); the paper
+does not say at which resolution (its student is distilled from the base and the
+high-resolution models), so 512, the base model's, is our reading.
+
 Half precision runs the model under ``torch.autocast`` (bf16 or fp16); a precision the
 device cannot run is recorded as unsupported with the reason, not skipped silently.
 """
@@ -25,13 +42,99 @@ from typing import Any
 import torch
 
 from neuralhead import __version__
+from neuralhead.errors import InputError
 from neuralhead.fileio import write_json_atomic
 
-# DNP Table 4, forward time on a Tesla V100 (ms per frame).
-PAPER_MS = {"dnp": {256: 11.0, 512: 31.0, 1024: 42.0}}
+# DNP Table 4, forward time on a Tesla V100 (ms per frame), for DNP and for HeadGAN.
+PAPER_MS = {"dnp": {256: 11.0, 512: 31.0, 1024: 42.0}, "headgan": {256: 41.0}}
+
+#: Speed figures the papers give on other GPUs: model -> resolution -> figure.
+PAPER_REFERENCE = {
+    "megaportraits-student": {
+        512: {"ms": 1000.0 / 130.0, "fps": 130.0, "device": "NVIDIA RTX 3090",
+              "precision": "fp16", "source": "MegaPortraits Sec. 4.5"},
+    },
+}  # fmt: skip
+
+#: Resolutions benchmarked when none are given: those the papers report.
+DEFAULT_RESOLUTIONS = {
+    "dnp": (256, 512, 1024),
+    "headgan": (256,),
+    "megaportraits-base": (512,),
+    "megaportraits-enhancer": (512,),
+    "megaportraits-student": (512,),
+}
+
+#: Avatars of the benchmarked student (the paper's 100, Sec. 4.1).
+STUDENT_AVATARS = 100
+
+
+class MegaPortraitsFrame(torch.nn.Module):
+    """G_base per driving frame: ``forward(driver)`` renders one source encoded beforehand."""
+
+    def __init__(self, base: torch.nn.Module, source: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.source_image = source
+        with torch.inference_mode():
+            self.source = base.encode_source(source)
+
+    def forward(self, driver: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.base.render(self.source, self.base.encode_driver(driver))
+
+
+def _megaportraits_and_inputs(model: str, resolution: int, batch: int, device: torch.device):
+    """The paper-sized MegaPortraits network for ``model`` taking ``resolution`` inputs."""
+    if model == "megaportraits-base":
+        from neuralhead.megaportraits.base_model import MegaPortraitsBase
+        from neuralhead.megaportraits.config import preset
+
+        # The 256 preset has its own volume depths; other sides scale the 512 model's volume.
+        config = (
+            preset("megaportraits-256")
+            if resolution == 256
+            else preset("megaportraits-512", image_size=resolution, volume_size=resolution // 8)
+        )
+        base = MegaPortraitsBase(config).to(device).eval()
+        source = torch.rand(1, 3, resolution, resolution, device=device)
+        net = MegaPortraitsFrame(base, source)
+        return net, {"driver": torch.rand(batch, 3, resolution, resolution, device=device)}
+    if model == "megaportraits-enhancer":
+        from neuralhead.megaportraits.enhancer import Enhancer, enhancer_preset
+
+        net = Enhancer(enhancer_preset("enhancer-512", input_size=resolution)).to(device).eval()
+        return net, {"image": torch.rand(batch, 3, resolution, resolution, device=device)}
+    from neuralhead.megaportraits.student import Student, student_preset
+
+    config = student_preset("student-512", image_size=resolution, num_avatars=STUDENT_AVATARS)
+    net = Student(config).to(device).eval()
+    inputs = {
+        "driver": torch.rand(batch, 3, resolution, resolution, device=device),
+        "avatar_index": torch.arange(batch, device=device) % STUDENT_AVATARS,
+    }
+    return net, inputs
+
+
+def _headgan_and_inputs(resolution: int, batch: int, device: torch.device):
+    from neuralhead.headgan.generator import create_generator
+
+    net = create_generator("headgan-256", image_size=resolution).to(device).eval()
+    c = net.config
+    size = (resolution, resolution)
+    inputs = {
+        "driving": torch.rand(batch, c.driving_channels, *size, device=device),
+        "reference_image": torch.rand(batch, 3, *size, device=device),
+        "reference_render": torch.rand(batch, c.render_channels, *size, device=device),
+        "audio": torch.randn(batch, c.audio_dim, device=device),
+    }
+    return net, inputs
 
 
 def _model_and_inputs(model: str, resolution: int, batch: int, device: torch.device):
+    if model == "headgan":
+        return _headgan_and_inputs(resolution, batch, device)
+    if model.startswith("megaportraits-"):
+        return _megaportraits_and_inputs(model, resolution, batch, device)
     if model != "dnp":
         raise ValueError(f"unknown model {model!r}")
     from neuralhead.dnp import DynamicNeuralPortrait, preset
@@ -67,7 +170,12 @@ def _run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
         def forward() -> None:
             with torch.inference_mode(), autocast:
-                out = net(**inputs).image
+                out = net(**inputs)
+            # DNP returns an output object, HeadGAN and G_base a dict, G_enh and G_DT a tensor.
+            if isinstance(out, dict):
+                out = out["image"]
+            elif not torch.is_tensor(out):
+                out = out.image
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if not torch.isfinite(out.float()).all():
@@ -97,7 +205,7 @@ def _run_one(spec: dict[str, Any]) -> dict[str, Any]:
             grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
             result["peak_memory_mb"] = max(grown, 0) / 1024.0
             result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except (RuntimeError, NotImplementedError, TypeError) as exc:
+    except (RuntimeError, NotImplementedError, TypeError, InputError) as exc:
         result.update(status="unsupported", reason=str(exc).splitlines()[0][:200])
     return result
 
@@ -128,7 +236,7 @@ def _cpu_name() -> str:
 
 def run_benchmark(
     model: str = "dnp",
-    resolutions: list[int] | tuple[int, ...] = (256, 512, 1024),
+    resolutions: list[int] | tuple[int, ...] | None = None,
     precisions: list[str] | tuple[str, ...] = ("fp32", "bf16", "fp16"),
     devices: list[str] | None = None,
     batch_size: int = 1,
@@ -141,12 +249,14 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmark every configuration; write and return the results.
 
-    A configuration that takes longer than ``timeout_s`` is stopped and recorded as such.
+    ``resolutions`` default to :data:`DEFAULT_RESOLUTIONS` of the model. A configuration
+    that takes longer than ``timeout_s`` is stopped and recorded as such.
     """
+    if model not in DEFAULT_RESOLUTIONS:
+        raise InputError(f"unknown model {model!r}; benchmarked models: {', '.join(DEFAULT_RESOLUTIONS)}")
+    resolutions = resolutions or DEFAULT_RESOLUTIONS[model]
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
-        from neuralhead.errors import InputError
-
         raise InputError("--devices cuda was asked for but no CUDA GPU is available")
     ctx = mp.get_context("spawn")
     rows = []
@@ -176,6 +286,8 @@ def run_benchmark(
                         row = dict(spec, status="timeout",
                                    reason=f"more than {timeout_s:g} s for {warmup + iterations} forward passes")
                 row["paper_ms_v100"] = PAPER_MS.get(model, {}).get(resolution)
+                if resolution in PAPER_REFERENCE.get(model, {}):
+                    row["paper_reference"] = PAPER_REFERENCE[model][resolution]
                 rows.append(row)
     results = {
         "command": " ".join(["neuralhead", *sys.argv[1:]]) if sys.argv else "",
@@ -190,14 +302,25 @@ def run_benchmark(
 
 
 def format_results(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<6}{'res':>6}{'device':>8}{'prec':>6}{'ms/frame':>10}{'fps':>8}{'peak MB':>9}{'paper ms':>10}"]
-    for r in results["results"]:
+    rows = results["results"]
+    width = max([8, *(len(r["model"]) + 2 for r in rows)])
+    lines = [f"{'model':<{width}}{'res':>6}{'device':>8}{'prec':>6}{'ms/frame':>10}{'fps':>8}{'peak MB':>9}{'paper ms':>10}"]
+    notes: list[str] = []
+    for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['model']:<6}{r['resolution']:>6}{r['device']:>8}{r['precision']:>6}  {r['status']}: {r['reason']}")
+            lines.append(f"{r['model']:<{width}}{r['resolution']:>6}{r['device']:>8}{r['precision']:>6}  {r['status']}: {r['reason']}")
             continue
-        paper = r.get("paper_ms_v100")
+        paper = f"{r['paper_ms_v100']:.0f}" if r.get("paper_ms_v100") else "-"
+        reference = r.get("paper_reference")
+        if reference:
+            note = f"{reference['device']}, {reference['precision']} ({reference['source']})"
+            if note not in notes:
+                notes.append(note)
+            paper = f"{reference['ms']:.1f}" + "*" * (notes.index(note) + 1)
         lines.append(
-            f"{r['model']:<6}{r['resolution']:>6}{r['device']:>8}{r['precision']:>6}{r['ms_median']:>10.1f}"
-            f"{r['fps']:>8.1f}{r['peak_memory_mb']:>9.0f}{(f'{paper:.0f}' if paper else '-'):>10}"
+            f"{r['model']:<{width}}{r['resolution']:>6}{r['device']:>8}{r['precision']:>6}{r['ms_median']:>10.1f}"
+            f"{r['fps']:>8.1f}{r['peak_memory_mb']:>9.0f}{paper:>10}"
         )
+    # Unmarked paper figures are DNP Table 4's (Tesla V100); marked ones name their GPU.
+    lines += ["*" * (i + 1) + " paper: " + note for i, note in enumerate(notes)]
     return "\n".join(lines)

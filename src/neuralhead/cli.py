@@ -127,6 +127,101 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_run_train_dnp)
 
+    h = models.add_parser(
+        "headgan",
+        help="HeadGAN (one-shot, driven by 3D faces and audio) on prepared videos",
+        description="Train HeadGAN by self-reenactment on one or more prepared videos (one person "
+        "each); the first video's held-out frames are used for evaluation. Runs on one CPU, one "
+        "GPU or, under torchrun (or with --nproc-per-node), on many GPUs and nodes.",
+    )
+    h.add_argument("data_dirs", type=Path, nargs="*", metavar="DATA_DIR",
+                   help="prepared datasets (not needed with --resume)")
+    h.add_argument("--preset", default="headgan-256",
+                   help="headgan-tiny (CPU, 128px) or headgan-256; add -noaudio for the variant without audio")
+    h.add_argument("--run-dir", type=Path, default=None, help="default: runs/headgan-<dataset>-<time>")
+    h.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint")
+    h.add_argument("--max-steps", type=_positive_int, default=None, help="default 100000 (kept when resuming)")
+    h.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop with a checkpoint after this many minutes")
+    h.add_argument("--batch-size", type=_positive_int, default=4, help="pairs per step and process (default 4)")
+    h.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D (default 2e-4)")
+    h.add_argument("--d-every", type=_positive_int, default=1,
+                   help="update the discriminators once per this many generator steps (default 1)")
+    h.add_argument("--vgg-weights", default=None, metavar="PATH",
+                   help="VGG19 weight file or its directory (default: the weight cache; without it the VGG terms are off)")
+    h.add_argument("--face-model", default=None, metavar="PATH",
+                   help="face model .npz (default: learned from the DATA_DIRs)")
+    h.add_argument("--audio-recognizer", default=None, metavar="NAME",
+                   help="speech recogniser of the audio features, package.module:Class (default: log-mel substitute)")
+    h.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[],
+                   metavar="FIELD=VALUE", help="override a model config field, e.g. --set lambda_l1=100")
+    h.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--log-every", type=_positive_int, default=50)
+    h.add_argument("--preview-every", type=_positive_int, default=500)
+    h.add_argument("--eval-every", type=_positive_int, default=1000)
+    h.add_argument("--checkpoint-every", type=_positive_int, default=1000)
+    h.add_argument("--eval-frames", type=_positive_int, default=32, help="held-out frames per evaluation (default 32)")
+    h.add_argument("--nproc-per-node", type=_positive_int, default=None,
+                   help="launch this many processes on this machine (torchrun)")
+    h.add_argument("--no-progress", action="store_true")
+    h.set_defaults(func=_run_train_headgan)
+
+    m = models.add_parser(
+        "megaportraits",
+        help="the MegaPortraits base model (one-shot, latent motion) on prepared videos",
+        description="Train the MegaPortraits base model G_base (Sec. 3.1) on two or more prepared "
+        "videos (source and driver from one video, a second pair from another for the "
+        "cycle-consistency loss); every video's held-out frames are used for evaluation. Needs a "
+        "head-pose network pre-trained with `neuralhead train megaportraits-pose`. Runs on one "
+        "CPU, one GPU or, under torchrun (or with --nproc-per-node), on many GPUs and nodes.",
+    )
+    m.add_argument("data_dirs", type=Path, nargs="*", metavar="DATA_DIR",
+                   help="prepared datasets, at least two (not needed with --resume)")
+    m.add_argument("--preset", default="megaportraits-256",
+                   help="megaportraits-tiny (CPU, 64px), megaportraits-256 or megaportraits-512")
+    m.add_argument("--pose-network", default=None, metavar="PATH",
+                   help="pre-trained head-pose file (required; kept frozen, read again on --resume)")
+    m.add_argument("--run-dir", type=Path, default=None, help="default: runs/megaportraits-<dataset>-<time>")
+    m.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint")
+    m.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="default: the preset's iterations (kept when resuming)")
+    m.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop with a checkpoint after this many minutes")
+    m.add_argument("--batch-size", type=_positive_int, default=None, help="samples per step and process (default: the preset's)")
+    m.add_argument("--lr", type=float, default=None, help="AdamW learning rate of G and D (default 2e-4)")
+    m.add_argument("--vgg-weights", default=None, metavar="PATH",
+                   help="VGG19 weight file or its directory (default: the weight cache; without it L_IN is off)")
+    m.add_argument("--vggface-weights", default=None, metavar="PATH",
+                   help="VGGFace weight file or its directory (default: the weight cache; without it L_face is off)")
+    m.add_argument("--gaze-weights", default=None, metavar="PATH",
+                   help="gaze network file or its directory (default: the weight cache; without it L_gaze is off)")
+    m.add_argument("--l1-weight", type=float, default=0.0,
+                   help="weight of a foreground L1 term the paper does not use (default 0: off)")
+    m.add_argument("--no-augment", action="store_true", help="switch off the augmentations of B.1")
+    m.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[],
+                   metavar="FIELD=VALUE", help="override a model config field, e.g. --set weight_fm=10")
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--log-every", type=_positive_int, default=50)
+    m.add_argument("--preview-every", type=_positive_int, default=500)
+    m.add_argument("--eval-every", type=_positive_int, default=1000)
+    m.add_argument("--checkpoint-every", type=_positive_int, default=1000)
+    m.add_argument("--eval-samples", type=_positive_int, default=8,
+                   help="held-out drivers per video per evaluation (default 8)")
+    m.add_argument("--nproc-per-node", type=_positive_int, default=None,
+                   help="launch this many processes on this machine (torchrun)")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=_run_train_megaportraits)
+
+    _add_train_megaportraits_hr(models)
+
     from neuralhead.pretrained import gaze_distill
 
     g = models.add_parser(
@@ -137,6 +232,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     gaze_distill.add_arguments(g)
     g.set_defaults(func=gaze_distill.run)
+
+    from neuralhead.megaportraits import pose_training
+
+    mp_pose = models.add_parser(
+        "megaportraits-pose",
+        help="pre-train the MegaPortraits head-pose network on tracked poses of prepared datasets",
+        description="Train the ResNet-18 head-pose network of MegaPortraits' motion encoder "
+        "(Sec. 3.1, A.1), supervised by the poses `neuralhead prepare` tracked; the base model "
+        "loads it frozen.",
+    )
+    pose_training.add_arguments(mp_pose)
+    mp_pose.set_defaults(func=pose_training.run)
 
 
 def _run_train_dnp(args: argparse.Namespace) -> int:
@@ -183,6 +290,267 @@ def _run_train_dnp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train_headgan(args: argparse.Namespace) -> int:
+    from neuralhead.headgan.trainer import HeadGANTrainOptions, train_headgan
+    from neuralhead.training.engine import EngineOptions
+
+    if args.resume is None and not args.data_dirs:
+        raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
+    run_dir = args.resume or args.run_dir
+    if run_dir is None:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
+        name = args.data_dirs[0].resolve().name
+        run_dir = Path("runs") / f"headgan-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
+
+    max_steps = args.max_steps
+    if max_steps is None:
+        max_steps = 100000
+        if args.resume is not None and (args.resume / "config.json").is_file():
+            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
+    engine_options = EngineOptions(
+        max_steps=max_steps,
+        log_every=args.log_every,
+        preview_every=args.preview_every,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        time_budget_minutes=args.time_budget,
+        precision=args.precision,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    options = HeadGANTrainOptions(
+        preset=args.preset,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        d_every=args.d_every,
+        vgg_weights=args.vgg_weights,
+        face_model=args.face_model,
+        audio_recognizer=args.audio_recognizer,
+        eval_frames=args.eval_frames,
+        model_overrides=dict(args.overrides),
+    )
+    run = train_headgan(args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run directory: {run}")
+    return 0
+
+
+def _run_train_megaportraits(args: argparse.Namespace) -> int:
+    from neuralhead.megaportraits.config import preset
+    from neuralhead.megaportraits.trainer import MegaPortraitsTrainOptions, train_megaportraits
+    from neuralhead.training.engine import EngineOptions
+
+    if args.resume is None and not args.data_dirs:
+        raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
+    run_dir = args.resume or args.run_dir
+    if run_dir is None:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
+        name = args.data_dirs[0].resolve().name
+        run_dir = Path("runs") / f"megaportraits-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
+
+    max_steps = args.max_steps
+    if max_steps is None:
+        if args.resume is not None and (args.resume / "config.json").is_file():
+            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
+        else:
+            max_steps = preset(args.preset).num_iterations
+    engine_options = EngineOptions(
+        max_steps=max_steps,
+        log_every=args.log_every,
+        preview_every=args.preview_every,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        time_budget_minutes=args.time_budget,
+        precision=args.precision,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    options = MegaPortraitsTrainOptions(
+        preset=args.preset,
+        pose_network=args.pose_network,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        vgg_weights=args.vgg_weights,
+        vggface_weights=args.vggface_weights,
+        gaze_weights=args.gaze_weights,
+        l1_weight=args.l1_weight,
+        augment=not args.no_augment,
+        eval_samples=args.eval_samples,
+        model_overrides=dict(args.overrides),
+    )
+    run = train_megaportraits(args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run directory: {run}")
+    return 0
+
+
+def _add_train_megaportraits_hr(models: argparse._SubParsersAction) -> None:
+    """``train megaportraits-enhancer`` (G_enh, Sec. 3.2) and ``train megaportraits-student`` (G_DT, Sec. 3.3)."""
+    e = models.add_parser(
+        "megaportraits-enhancer",
+        help="the MegaPortraits high-resolution model G_enh (512 -> 1024) on still images",
+        description="Train G_enh (Sec. 3.2) with a frozen, trained base model on a folder of square "
+        "high-resolution images (e.g. FFHQ; found recursively, sorted; the last --heldout-images are "
+        "used for evaluation). Runs on one CPU, one GPU or, under torchrun (or with "
+        "--nproc-per-node), on many GPUs and nodes.",
+    )
+    e.add_argument("images", type=Path, nargs="?", help="folder of high-resolution images (not needed with --resume)")
+    e.add_argument("--base-model", default=None, metavar="DIR", help="the trained base model's directory (required)")
+    e.add_argument("--preset", default="enhancer-512", help="enhancer-tiny (CPU, 64 -> 128), enhancer-256 or enhancer-512")
+    e.add_argument("--masks", default=None, metavar="DIR",
+                   help="foreground masks (.png at the images' relative paths): targets get a constant background")
+    e.add_argument("--background", type=float, default=None,
+                   help="grey level of the masked background (default: the base model's, 0.0)")
+    e.add_argument("--heldout-images", type=int, default=8, help="images held out for evaluation (default 8)")
+    e.add_argument("--vgg-weights", default=None, metavar="PATH",
+                   help="VGG19 weights, read only with --set weight_vgg19=W (off in the paper's Eq. 10)")
+    _add_hr_run_arguments(e)
+    e.set_defaults(func=_run_train_enhancer)
+
+    s = models.add_parser(
+        "megaportraits-student",
+        help="distil the MegaPortraits student G_DT for a fixed set of avatars",
+        description="Distil the real-time student G_DT (Sec. 3.3) from the teacher G_HR = G_enh o G_base "
+        "(or G_base alone) for the given avatar images, driven by the frames of prepared videos (their "
+        "held-out frames are used for evaluation). The student renders only these avatars.",
+    )
+    s.add_argument("data_dirs", type=Path, nargs="*", metavar="DATA_DIR",
+                   help="prepared datasets whose frames drive (not needed with --resume)")
+    s.add_argument("--avatars", type=Path, nargs="+", default=[],
+                   help="avatar source images or folders of them (avatar i is the i-th image)")
+    s.add_argument("--base-model", default=None, metavar="DIR", help="the teacher's base model directory (required)")
+    s.add_argument("--enhancer", default=None, metavar="DIR", help="the teacher's enhancer directory (optional)")
+    s.add_argument("--preset", default="student-512", help="student-tiny (CPU, 64px), student-256, student-512, student-1024")
+    s.add_argument("--vgg-weights", default=None, metavar="PATH", help="VGG19 weights (default: the weight cache)")
+    s.add_argument("--vggface-weights", default=None, metavar="PATH", help="VGGFace weights (default: the weight cache)")
+    s.add_argument("--gaze-weights", default=None, metavar="PATH", help="gaze network (default: the weight cache)")
+    s.add_argument("--eval-frames", type=_positive_int, default=16, help="held-out drivers per evaluation (default 16)")
+    _add_hr_run_arguments(s)
+    s.set_defaults(func=_run_train_student)
+
+
+def _add_hr_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Run-directory, schedule and device options of the enhancer and student commands."""
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<model>-<data>-<time>")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="default: the preset's iterations (kept when resuming)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop with a checkpoint after this many minutes")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="samples per step and process (default: the preset's)")
+    p.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[],
+                   metavar="FIELD=VALUE", help="override a config field, e.g. --set weight_fm=10")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=_positive_int, default=50)
+    p.add_argument("--preview-every", type=_positive_int, default=500)
+    p.add_argument("--eval-every", type=_positive_int, default=1000)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1000)
+    p.add_argument("--nproc-per-node", type=_positive_int, default=None,
+                   help="launch this many processes on this machine (torchrun)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _hr_engine_options(args: argparse.Namespace, preset_iterations: int):
+    from neuralhead.training.engine import EngineOptions
+
+    max_steps = args.max_steps
+    if max_steps is None:
+        if args.resume is not None and (args.resume / "config.json").is_file():
+            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
+        else:
+            max_steps = preset_iterations
+    return EngineOptions(
+        max_steps=max_steps,
+        log_every=args.log_every,
+        preview_every=args.preview_every,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        time_budget_minutes=args.time_budget,
+        precision=args.precision,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def _hr_run_dir(args: argparse.Namespace, model: str, data: Path) -> Path:
+    run_dir = args.resume or args.run_dir
+    if run_dir is None:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
+        run_dir = Path("runs") / f"{model}-{data.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_dir
+
+
+def _run_train_enhancer(args: argparse.Namespace) -> int:
+    from neuralhead.megaportraits.enhancer import enhancer_preset
+    from neuralhead.megaportraits.enhancer_training import EnhancerTrainOptions, train_enhancer
+
+    if args.resume is None and args.images is None:
+        raise InputError("give a folder of high-resolution IMAGES to train on, or --resume RUN_DIR")
+    run_dir = _hr_run_dir(args, "enhancer", args.images or args.resume)
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
+    overrides = dict(args.overrides)
+    engine_options = _hr_engine_options(args, enhancer_preset(args.preset, **overrides).num_iterations)
+    options = EnhancerTrainOptions(
+        preset=args.preset,
+        base_model=args.base_model,
+        masks=None if args.masks is None else str(args.masks),
+        batch_size=args.batch_size,
+        heldout_images=args.heldout_images,
+        vgg_weights=args.vgg_weights,
+        model_overrides=overrides,
+        **({} if args.background is None else {"background": args.background}),
+    )
+    run = train_enhancer(args.images, run_dir, options, engine_options, resume=args.resume is not None)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run directory: {run}")
+    return 0
+
+
+def _run_train_student(args: argparse.Namespace) -> int:
+    from neuralhead.megaportraits.distillation import DistillationOptions, distill_student
+    from neuralhead.megaportraits.enhancer_training import find_images
+    from neuralhead.megaportraits.student import student_preset
+
+    if args.resume is None and not (args.data_dirs and args.avatars):
+        raise InputError("give prepared DATA_DIRs and --avatars to distil, or --resume RUN_DIR")
+    avatars = [p for path in args.avatars for p in (find_images(path) if path.is_dir() else [path])]
+    run_dir = _hr_run_dir(args, "student", args.data_dirs[0] if args.data_dirs else args.resume)
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
+    overrides = dict(args.overrides)
+    engine_options = _hr_engine_options(args, student_preset(args.preset, **overrides).num_iterations)
+    options = DistillationOptions(
+        preset=args.preset,
+        base_model=args.base_model,
+        enhancer=args.enhancer,
+        batch_size=args.batch_size,
+        eval_frames=args.eval_frames,
+        vgg_weights=args.vgg_weights,
+        vggface_weights=args.vggface_weights,
+        gaze_weights=args.gaze_weights,
+        model_overrides=overrides,
+    )
+    run = distill_student(avatars, args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"run directory: {run}")
+    return 0
+
+
 def _relaunch_with_torchrun(nproc: int, run_dir: Path) -> int:
     """Re-run this command under torch.distributed.run with ``nproc`` local processes."""
     argv = sys.argv[1:]
@@ -212,12 +580,36 @@ def _add_reenact(sub: argparse._SubParsersAction) -> None:
         help="drive a trained portrait with a video, a dataset, a parameter file or audio",
         description="Render a video of the portrait at --checkpoint driven by --driving: a video "
         "(another person: relative motion), a prepared dataset (the portrait's own: absolute), "
-        "a .npz of parameters, or an audio file (audio-driven portraits).",
+        "a .npz of parameters, or an audio file (audio-driven portraits). With a HeadGAN or "
+        "MegaPortraits checkpoint (one-shot), animate the --source image with the --driving video.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="training run directory or saved portrait")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="training run directory or saved portrait / HeadGAN generator / MegaPortraits model")
     p.add_argument("--driving", type=Path, required=True, help="VIDEO | DATASET_DIR | PARAMS.npz | AUDIO")
     p.add_argument("--out", type=Path, required=True, help="output .mp4")
-    p.add_argument("--motion", default="auto", choices=["auto", "absolute", "relative"])
+    p.add_argument("--source", type=Path, default=None, help="HeadGAN, MegaPortraits: the image to animate")
+    p.add_argument("--audio", type=Path, default=None,
+                   help="HeadGAN: sound to use instead of the driving video's (features and output)")
+    p.add_argument("--camera", default=None, choices=["relative", "absolute"],
+                   help="HeadGAN: head rotation relative to the driver's first frame (default) or as the driver's")
+    p.add_argument("--paste-back", action="store_true",
+                   help="HeadGAN, MegaPortraits: write the whole source image with the generated head blended in")
+    p.add_argument("--motion", default="auto", choices=["auto", "absolute", "relative"],
+                   help="DNP: how driving motion is applied; MegaPortraits: head rotation relative to "
+                   "the driver's first frame (auto, relative) or as the driver's (absolute)")
+    p.add_argument("--scale", default=None, choices=["source", "driver"],
+                   help="MegaPortraits: keep the source's scale and translation (default) or take the driver's")
+    p.add_argument("--yaw", type=float, default=None, metavar="DEG",
+                   help="MegaPortraits: set the head's yaw in degrees (yaw, pitch, roll 0 frontalise)")
+    p.add_argument("--pitch", type=float, default=None, metavar="DEG", help="MegaPortraits: set the head's pitch")
+    p.add_argument("--roll", type=float, default=None, metavar="DEG", help="MegaPortraits: set the head's roll")
+    p.add_argument("--enhancer", type=Path, default=None, metavar="DIR",
+                   help="MegaPortraits: high-resolution model (enhancer run or saved model), twice the resolution")
+    p.add_argument("--student", type=Path, default=None, metavar="DIR",
+                   help="MegaPortraits: render with a distilled student (distillation run or saved model)")
+    p.add_argument("--avatar", type=int, default=None, metavar="N", help="MegaPortraits --student: the avatar to render")
+    p.add_argument("--no-background", action="store_true",
+                   help="MegaPortraits: keep the model's flat background instead of the source's")
     p.add_argument("--split", default="all", choices=["all", "train", "heldout"],
                    help="frames of a dataset driver (default all)")
     p.add_argument("--driver-reference", type=int, default=0,
@@ -230,7 +622,49 @@ def _add_reenact(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_reenact)
 
 
+_REENACT_FAMILIES = {"dnp": "DNP portraits", "headgan": "HeadGAN checkpoints",
+                     "megaportraits": "MegaPortraits checkpoints"}
+# Options only some model families read: name -> (default, families). Another family's option
+# would be silently ignored: it is an error instead.
+_REENACT_FAMILY_OPTIONS = {
+    "source": (None, ("headgan", "megaportraits")),
+    "paste_back": (False, ("headgan", "megaportraits")),
+    "audio": (None, ("headgan",)),
+    "camera": (None, ("headgan",)),
+    "motion": ("auto", ("dnp", "megaportraits")),
+    "split": ("all", ("dnp",)),
+    "driver_reference": (0, ("dnp",)),
+    "no_limit": (False, ("dnp",)),
+    **{name: (default, ("megaportraits",)) for name, default in (
+        ("scale", None), ("yaw", None), ("pitch", None), ("roll", None), ("enhancer", None),
+        ("student", None), ("avatar", None), ("no_background", False))},
+}
+
+
 def _run_reenact(args: argparse.Namespace) -> int:
+    from neuralhead.headgan.reenact import is_headgan_checkpoint
+    from neuralhead.megaportraits.reenact import is_megaportraits_checkpoint
+
+    if is_headgan_checkpoint(args.checkpoint):
+        family = "headgan"
+    elif is_megaportraits_checkpoint(args.checkpoint):
+        family = "megaportraits"
+    else:
+        family = "dnp"
+    misplaced: dict[tuple[str, ...], list[str]] = {}
+    for name, (default, families) in _REENACT_FAMILY_OPTIONS.items():
+        if family not in families and getattr(args, name) != default:
+            misplaced.setdefault(families, []).append("--" + name.replace("_", "-"))
+    if misplaced:
+        raise InputError("; ".join(
+            f"{', '.join(flags)} only apply to {' and '.join(_REENACT_FAMILIES[f] for f in families)}"
+            for families, flags in misplaced.items()
+        ))
+    if family == "headgan":
+        return _run_reenact_headgan(args)
+    if family == "megaportraits":
+        return _run_reenact_megaportraits(args)
+
     from neuralhead.inference.reenact import reenact
 
     result = reenact(
@@ -248,6 +682,203 @@ def _run_reenact(args: argparse.Namespace) -> int:
     )
     audio = "with audio" if result.has_audio else "no audio"
     print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {result.motion} motion, {audio}")
+    return 0
+
+
+def _run_reenact_headgan(args: argparse.Namespace) -> int:
+    from neuralhead.headgan.reenact import reenact_video
+
+    if args.source is None:
+        raise InputError("a HeadGAN checkpoint animates an image: give it with --source IMAGE")
+    result = reenact_video(
+        args.checkpoint,
+        args.source,
+        args.driving,
+        args.out,
+        camera=args.camera or "relative",
+        audio=args.audio,
+        paste_back=args.paste_back,
+        side_by_side=args.side_by_side,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        device=args.device,
+    )
+    audio = "with audio" if result.has_audio else "no audio"
+    print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {result.camera} camera, {audio}")
+    return 0
+
+
+def _run_reenact_megaportraits(args: argparse.Namespace) -> int:
+    from neuralhead.megaportraits.reenact import reenact_video
+
+    if args.source is None:
+        raise InputError("a MegaPortraits checkpoint animates an image: give it with --source IMAGE")
+    result = reenact_video(
+        args.checkpoint,
+        args.source,
+        args.driving,
+        args.out,
+        motion=None if args.motion == "auto" else args.motion,
+        scale=args.scale,
+        yaw=args.yaw,
+        pitch=args.pitch,
+        roll=args.roll,
+        enhancer=args.enhancer,
+        student=args.student,
+        avatar=args.avatar,
+        paste_back=args.paste_back,
+        background=not args.no_background,
+        side_by_side=args.side_by_side,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        device=args.device,
+    )
+    width, height = result.size
+    audio = "with audio" if result.has_audio else "no audio"
+    print(f"wrote {result.path}: {result.num_frames} frames of {width}x{height} at {result.fps:g} fps "
+          f"({result.motion}), {audio}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- compress
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="HeadGAN: encode a talking-head video as 35 numbers per frame (HeadGAN Sec. 3.4)",
+        description="Track and fit every frame of VIDEO and write its expression and camera "
+        "parameters, with a reference crop, to a .nhc stream (format in "
+        "neuralhead.headgan.compression); `neuralhead decompress` rebuilds the video.",
+    )
+    p.add_argument("video", type=Path)
+    p.add_argument("out", type=Path, help="output stream (.nhc)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="HeadGAN run (its face model encodes)")
+    p.add_argument("--reference-frame", type=int, default=0, help="frame sent as the reference image (default 0)")
+    p.add_argument("--float32", action="store_true", help="store float32 values (default float16)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not embed the reference crop (the receiver passes --reference)")
+    p.add_argument("--max-frames", type=_positive_int, default=None)
+    p.set_defaults(func=_run_compress)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from neuralhead.headgan.compression import encode_video
+    from neuralhead.headgan.reenact import load_headgan_run
+
+    run = load_headgan_run(args.checkpoint)
+    result = encode_video(
+        args.video,
+        run.face_model,
+        args.out,
+        reference_frame=args.reference_frame,
+        image_size=run.generator.config.image_size,
+        precision="float32" if args.float32 else "float16",
+        embed_reference=not args.no_reference,
+        crop_scale=run.crop_scale,
+        max_frames=args.max_frames,
+    )
+    print(
+        f"wrote {result.path}: {result.num_frames} frames, {result.bytes_per_second:.0f} bytes/s "
+        f"({result.kilobits_per_second:.1f} kbit/s) + {result.header_bytes} bytes of header; "
+        f"input video {result.video_bytes_per_second:.0f} bytes/s ({result.ratio:.0f}x larger)"
+    )
+    return 0
+
+
+def _add_decompress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decompress", help="HeadGAN: rebuild the video of a .nhc stream")
+    p.add_argument("stream", type=Path)
+    p.add_argument("out", type=Path, help="output .mp4")
+    p.add_argument("--checkpoint", type=Path, required=True, help="HeadGAN run whose face model encoded the stream")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="reference image to use instead of the stream's embedded one")
+    p.add_argument("--audio", type=Path, default=None,
+                   help="the clip's sound (needed by audio models; muxed into the output)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_decompress)
+
+
+def _run_decompress(args: argparse.Namespace) -> int:
+    from neuralhead.headgan.compression import decode
+
+    result = decode(
+        args.stream,
+        args.reference,
+        args.checkpoint,
+        args.out,
+        audio=args.audio,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    audio = "with audio" if result.has_audio else "no audio"
+    print(f"wrote {result.path}: {result.num_frames} frames at {result.fps:g} fps, {audio}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- edit
+def _expression_delta(text: str) -> tuple[int, float]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected COMPONENT=STD, got {text!r}")
+    component, value = text.split("=", 1)
+    try:
+        return int(component), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer COMPONENT and a number, got {text!r}") from None
+
+
+def _sweep_target(text: str) -> int | str:
+    return text if text in ("pitch", "yaw", "roll") else int(text)
+
+
+def _add_edit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "edit",
+        help="HeadGAN: change an image's expression and head pose, or frontalise it (Sec. 4.3)",
+        description="Fit the face model to IMAGE, move expression components (in standard "
+        "deviations) and camera angles (in degrees), and let HeadGAN render the result. "
+        "With --sweep, write one component or angle through a range as a strip (.png) or a video.",
+    )
+    p.add_argument("image", type=Path)
+    p.add_argument("out", type=Path, help="output .png (or .mp4 for a --sweep video)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="HeadGAN run")
+    p.add_argument("--expression", type=_expression_delta, action="append", default=[], metavar="K=STD",
+                   help="move expression component K by STD standard deviations (repeatable)")
+    p.add_argument("--yaw", type=float, default=0.0, help="degrees (positive: towards the image's left)")
+    p.add_argument("--pitch", type=float, default=0.0, help="degrees (positive: face down)")
+    p.add_argument("--roll", type=float, default=0.0, help="degrees (positive: clockwise)")
+    p.add_argument("--frontalise", action="store_true", help="set the head rotation to frontal first")
+    p.add_argument("--paste-back", action="store_true", help="write the whole image with the edited head")
+    p.add_argument("--sweep", type=_sweep_target, default=None, metavar="K|yaw|pitch|roll",
+                   help="sweep an expression component or an angle")
+    p.add_argument("--sweep-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="sweep range (default -3 3 std, or -30 30 degrees)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sweep steps (default 7 for .png, 49 for video)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_edit)
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    from neuralhead.headgan.editing import edit_to_file
+
+    deltas: dict[int, float] = {}
+    for component, value in args.expression:
+        deltas[component] = deltas.get(component, 0.0) + value
+    path = edit_to_file(
+        args.checkpoint,
+        args.image,
+        args.out,
+        expression_deltas=deltas,
+        yaw=args.yaw,
+        pitch=args.pitch,
+        roll=args.roll,
+        frontalise=args.frontalise,
+        paste_back=args.paste_back,
+        sweep_target=args.sweep,
+        sweep_range=tuple(args.sweep_range) if args.sweep_range else None,
+        sweep_steps=args.steps,
+        device=args.device,
+    )
+    print(f"wrote {path}")
     return 0
 
 
@@ -348,8 +979,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- benchmark
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="time per frame and peak memory of the generators")
-    p.add_argument("--model", default="dnp", choices=["dnp"])
-    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--model", default="dnp", choices=["dnp", "headgan", "megaportraits-base",
+                                                      "megaportraits-enhancer", "megaportraits-student"])
+    p.add_argument("--resolutions", type=int, nargs="+", default=None,
+                   help="input sides; default: the papers' (dnp 256 512 1024, headgan 256, megaportraits-* 512)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: all present)")
     p.add_argument("--batch-size", type=_positive_int, default=1)
@@ -357,13 +990,14 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_positive_int, default=3)
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per configuration (default 600)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/dnp.json"))
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/MODEL.json")
     p.set_defaults(func=_run_benchmark)
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
     from neuralhead.benchmark import format_results, run_benchmark
 
+    args.out = args.out or Path("benchmarks") / f"{args.model}.json"
     results = run_benchmark(
         model=args.model,
         resolutions=args.resolutions,
@@ -386,10 +1020,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a self-contained portrait (weights + person data) from a run")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--onnx", action="store_true",
+                   help="MegaPortraits student to ONNX: --checkpoint is a student directory or distillation run, "
+                   "--out the .onnx file (checked against PyTorch with onnxruntime)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.onnx:
+        from neuralhead.megaportraits.export import export_student
+
+        path, error = export_student(args.checkpoint, args.out)
+        print(f"saved the student as ONNX to {path} (largest difference to PyTorch {error:.2g})")
+        return 0
     from neuralhead.dnp.portrait import Portrait
 
     portrait = Portrait.load(args.checkpoint)
@@ -439,6 +1082,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_reenact(sub)
+    _add_compress(sub)
+    _add_decompress(sub)
+    _add_edit(sub)
     _add_evaluate(sub)
     _add_benchmark(sub)
     _add_export(sub)

@@ -6,4 +6,5 @@ normalisation. Importing this package registers every network's weight files wit
 :mod:`neuralhead.weights`.
 """
 
+from neuralhead.nn import resnet  # noqa: F401
 from neuralhead.pretrained import arcface, face_parser, gaze, i3d, vgg, vggface  # noqa: F401
