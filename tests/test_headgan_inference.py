@@ -38,12 +38,12 @@ from neuralhead.headgan.fitting import fit_frames, project
 from neuralhead.headgan.generator import create_generator
 from neuralhead.headgan.reenact import (
     HeadGANReenactor,
-    PasteBack,
     is_headgan_checkpoint,
     load_headgan_run,
     reenact_video,
 )
 from neuralhead.headgan.trainer import export
+from neuralhead.inference.common import PasteBack
 from neuralhead.media.video import (
     VideoReader,
     VideoWriter,

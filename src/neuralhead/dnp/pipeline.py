@@ -19,11 +19,10 @@ from neuralhead.dnp.driving import (
 )
 from neuralhead.dnp.portrait import Portrait
 from neuralhead.errors import InputError
+from neuralhead.inference.common import OUTPUT_AUDIO_RATE
 from neuralhead.inference.driving_input import Driver, open_driver
 from neuralhead.media.video import VideoWriter
 from neuralhead.visualize import to_uint8
-
-OUTPUT_AUDIO_RATE = 48000
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from neuralhead.data.format import DatasetFiles
-from neuralhead.dnp.pipeline import OUTPUT_AUDIO_RATE, driving_parameters, render_frames
+from neuralhead.dnp.pipeline import driving_parameters, render_frames
 from neuralhead.dnp.portrait import Portrait
 from neuralhead.errors import InputError, WeightsMissingError
 from neuralhead.evaluation.baseline import NearestNeighbourBaseline
@@ -36,6 +36,7 @@ from neuralhead.evaluation.tracked import (
     relative_rotation_error,
 )
 from neuralhead.fileio import write_json_atomic
+from neuralhead.inference.common import OUTPUT_AUDIO_RATE
 from neuralhead.inference.driving_input import from_dataset, open_driver
 from neuralhead.media.video import VideoWriter
 from neuralhead.metrics.fid import FID

@@ -59,13 +59,8 @@ from neuralhead.headgan.audio_features import audio_features_for_video
 from neuralhead.headgan.driving import camera_to_crop, track_video
 from neuralhead.headgan.face_model import MorphableModel
 from neuralhead.headgan.fitting import CAMERA_DIM, adapt_camera
-from neuralhead.headgan.reenact import (
-    OUTPUT_AUDIO_RATE,
-    HeadGANReenactor,
-    generate_video,
-    load_face_model,
-    load_sound,
-)
+from neuralhead.headgan.reenact import HeadGANReenactor, generate_video, load_face_model
+from neuralhead.inference.common import OUTPUT_AUDIO_RATE, load_sound
 from neuralhead.media.video import VideoReader, VideoWriter, probe_video
 from neuralhead.tracking import crop as crops
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from neuralhead.errors import InputError, NoFaceError
 from neuralhead.headgan.face_model import MorphableModel
 from neuralhead.headgan.fitting import CAMERA_DIM, adapt_camera, fit_frames
+from neuralhead.inference.common import interpolate_missing
 from neuralhead.media.video import VideoReader, probe_video
 from neuralhead.tracking import crop as crops
 from neuralhead.tracking.mediapipe_backend import FaceMeshTracker
@@ -115,17 +116,6 @@ def camera_to_crop(camera: np.ndarray, box: np.ndarray, canvas_size: int) -> np.
     return out
 
 
-def _interpolate_missing(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Rows of frames without a face, linearly interpolated per column (held at the ends)."""
-    if valid.all():
-        return values
-    frames = np.arange(len(valid))
-    good = np.flatnonzero(valid)
-    flat = values.reshape(len(values), -1)
-    filled = np.stack([np.interp(frames, good, column[good]) for column in flat.T], axis=1)
-    return filled.reshape(values.shape).astype(values.dtype)
-
-
 def track_video(
     video: str | os.PathLike,
     model: MorphableModel,
@@ -197,7 +187,7 @@ def track_video(
             f"no face found in {100 * (1 - found / len(mask)):.0f}% of the frames of {name} "
             f"(at least {100 * min_face_fraction:.0f}% need one)"
         )
-    values = _interpolate_missing(np.concatenate(fitted).astype(np.float32), mask)
+    values = interpolate_missing(np.concatenate(fitted).astype(np.float32), mask)
     return TrackedVideo(
         fps=info.fps,
         width=info.width,
@@ -205,8 +195,8 @@ def track_video(
         identity=values[:, :k_id],
         expression=values[:, k_id : k_id + k_exp],
         camera=values[:, k_id + k_exp :],
-        centre=_interpolate_missing(np.concatenate(centres), mask),
-        size=_interpolate_missing(np.concatenate(sizes), mask),
+        centre=interpolate_missing(np.concatenate(centres), mask),
+        size=interpolate_missing(np.concatenate(sizes), mask),
         valid=mask,
     )
 

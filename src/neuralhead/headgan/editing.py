@@ -35,7 +35,8 @@ from PIL import Image, PngImagePlugin
 
 from neuralhead.errors import InputError
 from neuralhead.headgan.fitting import CAMERA_DIM
-from neuralhead.headgan.reenact import HeadGANReenactor, PasteBack, generate_video
+from neuralhead.headgan.reenact import HeadGANReenactor, generate_video
+from neuralhead.inference.common import PasteBack
 from neuralhead.media.video import GENERATOR_KEY, SYNTHETIC_KEY, VideoWriter, synthetic_tag
 from neuralhead.visualize import label, to_uint8
 
