@@ -248,35 +248,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train_dnp(args: argparse.Namespace) -> int:
     from neuralhead.dnp.trainer import DNPTrainOptions, train_dnp
-    from neuralhead.training.engine import EngineOptions
 
     if args.resume is None and args.data_dir is None:
         raise InputError("give a prepared DATA_DIR to train on, or --resume RUN_DIR")
-    run_dir = args.resume or args.run_dir
-    if run_dir is None:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
-        run_dir = Path("runs") / f"dnp-{args.data_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = _train_run_dir(args, "dnp", args.data_dir or args.resume)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
-
-    max_steps = args.max_steps
-    if max_steps is None:
-        max_steps = 20000
-        if args.resume is not None and (args.resume / "config.json").is_file():
-            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
-    engine_options = EngineOptions(
-        max_steps=max_steps,
-        log_every=args.log_every,
-        preview_every=args.preview_every,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        time_budget_minutes=args.time_budget,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    engine_options = _engine_options(args, 20000)
     options = DNPTrainOptions(
         preset=args.preset,
         batch_size=args.batch_size,
@@ -292,36 +270,13 @@ def _run_train_dnp(args: argparse.Namespace) -> int:
 
 def _run_train_headgan(args: argparse.Namespace) -> int:
     from neuralhead.headgan.trainer import HeadGANTrainOptions, train_headgan
-    from neuralhead.training.engine import EngineOptions
 
     if args.resume is None and not args.data_dirs:
         raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
-    run_dir = args.resume or args.run_dir
-    if run_dir is None:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
-        name = args.data_dirs[0].resolve().name
-        run_dir = Path("runs") / f"headgan-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = _train_run_dir(args, "headgan", args.data_dirs[0] if args.data_dirs else args.resume)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
-
-    max_steps = args.max_steps
-    if max_steps is None:
-        max_steps = 100000
-        if args.resume is not None and (args.resume / "config.json").is_file():
-            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
-    engine_options = EngineOptions(
-        max_steps=max_steps,
-        log_every=args.log_every,
-        preview_every=args.preview_every,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        time_budget_minutes=args.time_budget,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    engine_options = _engine_options(args, 100000)
     options = HeadGANTrainOptions(
         preset=args.preset,
         batch_size=args.batch_size,
@@ -342,37 +297,13 @@ def _run_train_headgan(args: argparse.Namespace) -> int:
 def _run_train_megaportraits(args: argparse.Namespace) -> int:
     from neuralhead.megaportraits.config import preset
     from neuralhead.megaportraits.trainer import MegaPortraitsTrainOptions, train_megaportraits
-    from neuralhead.training.engine import EngineOptions
 
     if args.resume is None and not args.data_dirs:
         raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
-    run_dir = args.resume or args.run_dir
-    if run_dir is None:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
-        name = args.data_dirs[0].resolve().name
-        run_dir = Path("runs") / f"megaportraits-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = _train_run_dir(args, "megaportraits", args.data_dirs[0] if args.data_dirs else args.resume)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
-
-    max_steps = args.max_steps
-    if max_steps is None:
-        if args.resume is not None and (args.resume / "config.json").is_file():
-            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
-        else:
-            max_steps = preset(args.preset).num_iterations
-    engine_options = EngineOptions(
-        max_steps=max_steps,
-        log_every=args.log_every,
-        preview_every=args.preview_every,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        time_budget_minutes=args.time_budget,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    engine_options = _engine_options(args, preset(args.preset).num_iterations)
     options = MegaPortraitsTrainOptions(
         preset=args.preset,
         pose_network=args.pose_network,
@@ -462,7 +393,8 @@ def _add_hr_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _hr_engine_options(args: argparse.Namespace, preset_iterations: int):
+def _engine_options(args: argparse.Namespace, default_max_steps: int):
+    """The engine options every `train` command shares; a resumed run keeps its step limit."""
     from neuralhead.training.engine import EngineOptions
 
     max_steps = args.max_steps
@@ -470,7 +402,7 @@ def _hr_engine_options(args: argparse.Namespace, preset_iterations: int):
         if args.resume is not None and (args.resume / "config.json").is_file():
             max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
         else:
-            max_steps = preset_iterations
+            max_steps = default_max_steps
     return EngineOptions(
         max_steps=max_steps,
         log_every=args.log_every,
@@ -485,7 +417,8 @@ def _hr_engine_options(args: argparse.Namespace, preset_iterations: int):
     )
 
 
-def _hr_run_dir(args: argparse.Namespace, model: str, data: Path) -> Path:
+def _train_run_dir(args: argparse.Namespace, model: str, data: Path) -> Path:
+    """--resume, else --run-dir, else runs/MODEL-DATA-TIME (refused under torchrun)."""
     run_dir = args.resume or args.run_dir
     if run_dir is None:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -500,11 +433,11 @@ def _run_train_enhancer(args: argparse.Namespace) -> int:
 
     if args.resume is None and args.images is None:
         raise InputError("give a folder of high-resolution IMAGES to train on, or --resume RUN_DIR")
-    run_dir = _hr_run_dir(args, "enhancer", args.images or args.resume)
+    run_dir = _train_run_dir(args, "enhancer", args.images or args.resume)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
     overrides = dict(args.overrides)
-    engine_options = _hr_engine_options(args, enhancer_preset(args.preset, **overrides).num_iterations)
+    engine_options = _engine_options(args, enhancer_preset(args.preset, **overrides).num_iterations)
     options = EnhancerTrainOptions(
         preset=args.preset,
         base_model=args.base_model,
@@ -529,11 +462,11 @@ def _run_train_student(args: argparse.Namespace) -> int:
     if args.resume is None and not (args.data_dirs and args.avatars):
         raise InputError("give prepared DATA_DIRs and --avatars to distil, or --resume RUN_DIR")
     avatars = [p for path in args.avatars for p in (find_images(path) if path.is_dir() else [path])]
-    run_dir = _hr_run_dir(args, "student", args.data_dirs[0] if args.data_dirs else args.resume)
+    run_dir = _train_run_dir(args, "student", args.data_dirs[0] if args.data_dirs else args.resume)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
     overrides = dict(args.overrides)
-    engine_options = _hr_engine_options(args, student_preset(args.preset, **overrides).num_iterations)
+    engine_options = _engine_options(args, student_preset(args.preset, **overrides).num_iterations)
     options = DistillationOptions(
         preset=args.preset,
         base_model=args.base_model,
