@@ -8,7 +8,6 @@ rate 5e-4 with a short warm-up and cosine decay to a tenth, batches of 4 frames 
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -281,16 +280,9 @@ def train_dnp(
         if engine.is_main and not (run_dir / "portrait").exists():
             PortraitData.from_dataset(task.train_set.files).save(run_dir / "portrait")
         engine.barrier()
-        start = engine.load_latest(task) if resume else 0
-        if start == 0:
-            engine.seed_for_rank()
+        start = engine.start_or_resume(task, resume)
         engine.fit(task, start)
     finally:
-        # DistributedDataParallel sits in reference cycles: left to the garbage collector it
-        # can be torn down at interpreter exit, after its process group, which aborts the
-        # process now and then (SIGABRT after a finished run). Free it while all is alive.
-        task = None
-        if engine.distributed:
-            gc.collect()
+        task = None  # Engine.close frees its DDP wrappers while the process group lives
         engine.close()
     return run_dir

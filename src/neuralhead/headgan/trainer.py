@@ -21,7 +21,6 @@ training ends, ``headgan/`` receives what inference needs: the generator (``conf
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -442,14 +441,9 @@ def train_headgan(
             "on" if vgg else "OFF (weights missing)",
         )
         engine.barrier()
-        start = engine.load_latest(task) if resume else 0
-        if start == 0:
-            engine.seed_for_rank()
+        start = engine.start_or_resume(task, resume)
         engine.fit(task, start)
     finally:
-        # See train_dnp: free DistributedDataParallel before its process group goes away.
-        task = None
-        if engine.distributed:
-            gc.collect()
+        task = None  # Engine.close frees its DDP wrappers while the process group lives
         engine.close()
     return run_dir

@@ -28,7 +28,6 @@ lists the avatar images by index. Export it with :mod:`neuralhead.megaportraits.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -532,14 +531,9 @@ def distill_student(
             len(task.train_set),
             ", ".join(task.loss_names),
         )
-        start = engine.load_latest(task) if resume else 0
-        if start == 0:
-            engine.seed_for_rank()
+        start = engine.start_or_resume(task, resume)
         engine.fit(task, start)
     finally:
-        # Free DistributedDataParallel before its process group goes away (see train_dnp).
-        task = None
-        if engine.distributed:
-            gc.collect()
+        task = None  # Engine.close frees its DDP wrappers while the process group lives
         engine.close()
     return run_dir

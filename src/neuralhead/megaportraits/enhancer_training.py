@@ -38,7 +38,6 @@ trained G_enh (``config.json`` + ``model.safetensors``).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from collections.abc import Callable
@@ -534,14 +533,9 @@ def train_enhancer(
             len(task.heldout_indices),
             task.batch_size,
         )
-        start = engine.load_latest(task) if resume else 0
-        if start == 0:
-            engine.seed_for_rank()
+        start = engine.start_or_resume(task, resume)
         engine.fit(task, start)
     finally:
-        # Free DistributedDataParallel before its process group goes away (see train_dnp).
-        task = None
-        if engine.distributed:
-            gc.collect()
+        task = None  # Engine.close frees its DDP wrappers while the process group lives
         engine.close()
     return run_dir

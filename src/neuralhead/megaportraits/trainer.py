@@ -36,7 +36,6 @@ checkpoints/); at the end ``megaportraits/`` receives the base model (``config.j
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -598,9 +597,6 @@ def train_megaportraits(
             engine.seed_for_rank()
         engine.fit(task, start)
     finally:
-        # See train_dnp: free DistributedDataParallel before its process group goes away.
-        task = None
-        if engine.distributed:
-            gc.collect()
+        task = None  # Engine.close frees its DDP wrappers while the process group lives
         engine.close()
     return run_dir

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import hashlib
 import json
 import logging
@@ -397,7 +398,22 @@ class Engine:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def start_or_resume(self, task: Task, resume: bool) -> int:
+        """The step to train from: the latest checkpoint's when resuming, else 0 (seeded per rank)."""
+        start = self.load_latest(task) if resume else 0
+        if start == 0:
+            self.seed_for_rank()
+        return start
+
     def close(self) -> None:
+        """End the run; the caller drops its task (and so its DDP wrappers) first.
+
+        DistributedDataParallel sits in reference cycles: left to the garbage collector it can
+        be torn down at interpreter exit, after its process group, which aborts the process now
+        and then (SIGABRT after a finished run). Collecting here frees it while all is alive.
+        """
+        if self.distributed:
+            gc.collect()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
