@@ -342,7 +342,8 @@ def test_cli_reenact_dispatches_by_family(files, tmp_path, capsys):
     other = ["reenact", "--checkpoint", str(headgan), "--driving", "v.mp4", "--out", "o.mp4"]
     assert main([*other, "--yaw", "10", "--enhancer", "e"]) == 2
     assert capsys.readouterr().err == (
-        "error: --yaw, --enhancer only apply to MegaPortraits checkpoints\n"
+        "error: --yaw only apply to MegaPortraits checkpoints and EMOPortraits checkpoints; "
+        "--enhancer only apply to MegaPortraits checkpoints\n"
     )
     other[2] = str(tmp_path / "dnp-run")
     assert main([*other, "--no-background"]) == 2

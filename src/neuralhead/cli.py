@@ -8,35 +8,16 @@ here. A :class:`~neuralhead.errors.NeuralheadError` ends the command with one li
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from neuralhead import __version__
 from neuralhead.errors import InputError, NeuralheadError
+from neuralhead.training import cli_args
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    if isinstance(value, list):
-        value = tuple(value)
-    return key.strip(), value
+_positive_int = cli_args.positive_int
+_key_value = cli_args.key_value
 
 
 # ---------------------------------------------------------------------------------- prepare
@@ -221,6 +202,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_run_train_megaportraits)
 
     _add_train_megaportraits_hr(models)
+    _add_train_emoportraits(models)
 
     from neuralhead.pretrained import gaze_distill
 
@@ -323,6 +305,63 @@ def _run_train_megaportraits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_emoportraits(models: argparse._SubParsersAction) -> None:
+    """``train emoportraits`` (main model), ``emoportraits-speech`` (E_aud) and
+    ``emoportraits-rotation`` (head rotations from speech)."""
+    from neuralhead.emoportraits import rotation_training, speech_training, trainer
+
+    e = models.add_parser(
+        "emoportraits",
+        help="the EMOPortraits main model (MegaPortraits with a 128-d expression space and new losses)",
+        description="Train the EMOPortraits main model (main paper Sec. 4, supplementary Sec. 1) on two "
+        "or more prepared videos, optionally mixing in a second set of videos (--secondary-data: a pair "
+        "from it in every second batch, with the stronger source-driver mismatch loss). Needs a head-pose "
+        "network pre-trained with `neuralhead train megaportraits-pose`.",
+    )
+    trainer.add_arguments(e)
+    e.set_defaults(func=trainer.run)
+
+    sp = models.add_parser(
+        "emoportraits-speech",
+        help="the speech-driven expression encoder E_aud of EMOPortraits, with a trained main model",
+        description="Train E_aud (supplementary Sec. 2) to predict the main model's expression codes "
+        "from speech on prepared videos with sound; the main model stays frozen.",
+    )
+    speech_training.add_arguments(sp)
+    sp.set_defaults(func=speech_training.run)
+
+    r = models.add_parser(
+        "emoportraits-rotation",
+        help="the EMOPortraits generator of head rotations from speech (WGAN-GP)",
+        description="Train the audio-to-head-motion GAN (supplementary Sec. 3) on the tracked poses and "
+        "sound of prepared videos.",
+    )
+    rotation_training.add_arguments(r)
+    r.set_defaults(func=rotation_training.run)
+
+
+def _add_expressions(sub: argparse._SubParsersAction) -> None:
+    from neuralhead.emoportraits import latent_space
+
+    p = sub.add_parser(
+        "expressions",
+        help="EMOPortraits: analyse a model's latent expression space (PCA, AUC_z, mouth basis)",
+    )
+    tools = p.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    a = tools.add_parser(
+        "analyse",
+        help="explained variance and AUC_z of the expression codes of prepared videos (main paper Eq. 1, Fig. 3)",
+    )
+    latent_space.add_analyse_arguments(a)
+    a.set_defaults(func=latent_space.run_analyse)
+    m = tools.add_parser(
+        "mouth-basis",
+        help="PCA basis of mouth motion from one talking video with its upper face held still (Sec. 5.2)",
+    )
+    latent_space.add_mouth_basis_arguments(m)
+    m.set_defaults(func=latent_space.run_mouth_basis)
+
+
 def _add_train_megaportraits_hr(models: argparse._SubParsersAction) -> None:
     """``train megaportraits-enhancer`` (G_enh, Sec. 3.2) and ``train megaportraits-student`` (G_DT, Sec. 3.3)."""
     e = models.add_parser(
@@ -370,61 +409,11 @@ def _add_train_megaportraits_hr(models: argparse._SubParsersAction) -> None:
 
 def _add_hr_run_arguments(p: argparse.ArgumentParser) -> None:
     """Run-directory, schedule and device options of the enhancer and student commands."""
-    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<model>-<data>-<time>")
-    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its latest checkpoint")
-    p.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="default: the preset's iterations (kept when resuming)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="stop with a checkpoint after this many minutes")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="samples per step and process (default: the preset's)")
-    p.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[],
-                   metavar="FIELD=VALUE", help="override a config field, e.g. --set weight_fm=10")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16/fp16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=_positive_int, default=50)
-    p.add_argument("--preview-every", type=_positive_int, default=500)
-    p.add_argument("--eval-every", type=_positive_int, default=1000)
-    p.add_argument("--checkpoint-every", type=_positive_int, default=1000)
-    p.add_argument("--nproc-per-node", type=_positive_int, default=None,
-                   help="launch this many processes on this machine (torchrun)")
-    p.add_argument("--no-progress", action="store_true")
+    cli_args.add_run_arguments(p)
 
 
-def _engine_options(args: argparse.Namespace, default_max_steps: int):
-    """The engine options every `train` command shares; a resumed run keeps its step limit."""
-    from neuralhead.training.engine import EngineOptions
-
-    max_steps = args.max_steps
-    if max_steps is None:
-        if args.resume is not None and (args.resume / "config.json").is_file():
-            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
-        else:
-            max_steps = default_max_steps
-    return EngineOptions(
-        max_steps=max_steps,
-        log_every=args.log_every,
-        preview_every=args.preview_every,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        time_budget_minutes=args.time_budget,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-
-
-def _train_run_dir(args: argparse.Namespace, model: str, data: Path) -> Path:
-    """--resume, else --run-dir, else runs/MODEL-DATA-TIME (refused under torchrun)."""
-    run_dir = args.resume or args.run_dir
-    if run_dir is None:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise InputError("pass --run-dir when launching with torchrun (every process needs the same one)")
-        run_dir = Path("runs") / f"{model}-{data.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return run_dir
+_engine_options = cli_args.engine_options
+_train_run_dir = cli_args.train_run_dir
 
 
 def _run_train_enhancer(args: argparse.Namespace) -> int:
@@ -484,26 +473,7 @@ def _run_train_student(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relaunch_with_torchrun(nproc: int, run_dir: Path) -> int:
-    """Re-run this command under torch.distributed.run with ``nproc`` local processes."""
-    argv = sys.argv[1:]
-    cleaned: list[str] = []
-    skip = False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        if item == "--nproc-per-node":
-            skip = True
-            continue
-        if item.startswith("--nproc-per-node="):
-            continue
-        cleaned.append(item)
-    if "--run-dir" not in cleaned and "--resume" not in cleaned:
-        cleaned += ["--run-dir", str(run_dir)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "neuralhead", *cleaned]
-    return subprocess.call(cmd)
+_relaunch_with_torchrun = cli_args.relaunch_with_torchrun
 
 
 # ---------------------------------------------------------------------------------- reenact
@@ -518,11 +488,27 @@ def _add_reenact(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="training run directory or saved portrait / HeadGAN generator / MegaPortraits model")
-    p.add_argument("--driving", type=Path, required=True, help="VIDEO | DATASET_DIR | PARAMS.npz | AUDIO")
+    p.add_argument("--driving", type=Path, default=None,
+                   help="VIDEO | DATASET_DIR | PARAMS.npz | AUDIO (EMOPortraits: optional with --audio)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4")
     p.add_argument("--source", type=Path, default=None, help="HeadGAN, MegaPortraits: the image to animate")
     p.add_argument("--audio", type=Path, default=None,
-                   help="HeadGAN: sound to use instead of the driving video's (features and output)")
+                   help="HeadGAN: sound to use instead of the driving video's (features and output); "
+                   "EMOPortraits: speech driving the expression (alone, or the mouth with --driving)")
+    p.add_argument("--speech-model", type=Path, default=None, metavar="DIR",
+                   help="EMOPortraits: speech encoder E_aud (emoportraits-speech run), needed with --audio")
+    p.add_argument("--rotation-model", type=Path, default=None, metavar="DIR",
+                   help="EMOPortraits: head motion from speech (emoportraits-rotation run); without it "
+                   "audio-only output keeps the photo's head pose")
+    p.add_argument("--audio-embedder", default=None, metavar="SPEC",
+                   help="EMOPortraits: audio embedder (whisper:PATH or substitute[:DIM]) instead of the "
+                   "one the speech models recorded")
+    p.add_argument("--fps", type=float, default=25.0, help="EMOPortraits: frame rate of audio-only output (default 25)")
+    p.add_argument("--smoothing", type=float, default=2.0, metavar="SIGMA",
+                   help="EMOPortraits: Gaussian smoothing (frames) of head motion generated from speech "
+                   "(default 2; 0: raw)")
+    p.add_argument("--mouth-components", type=_positive_int, default=8,
+                   help="EMOPortraits --driving + --audio: mouth PCA components taken from the audio (default 8)")
     p.add_argument("--camera", default=None, choices=["relative", "absolute"],
                    help="HeadGAN: head rotation relative to the driver's first frame (default) or as the driver's")
     p.add_argument("--paste-back", action="store_true",
@@ -556,30 +542,39 @@ def _add_reenact(sub: argparse._SubParsersAction) -> None:
 
 
 _REENACT_FAMILIES = {"dnp": "DNP portraits", "headgan": "HeadGAN checkpoints",
-                     "megaportraits": "MegaPortraits checkpoints"}
+                     "megaportraits": "MegaPortraits checkpoints", "emoportraits": "EMOPortraits checkpoints"}
 # Options only some model families read: name -> (default, families). Another family's option
 # would be silently ignored: it is an error instead.
 _REENACT_FAMILY_OPTIONS = {
-    "source": (None, ("headgan", "megaportraits")),
-    "paste_back": (False, ("headgan", "megaportraits")),
-    "audio": (None, ("headgan",)),
+    "source": (None, ("headgan", "megaportraits", "emoportraits")),
+    "paste_back": (False, ("headgan", "megaportraits", "emoportraits")),
+    "audio": (None, ("headgan", "emoportraits")),
     "camera": (None, ("headgan",)),
-    "motion": ("auto", ("dnp", "megaportraits")),
+    "motion": ("auto", ("dnp", "megaportraits", "emoportraits")),
     "split": ("all", ("dnp",)),
     "driver_reference": (0, ("dnp",)),
     "no_limit": (False, ("dnp",)),
-    **{name: (default, ("megaportraits",)) for name, default in (
-        ("scale", None), ("yaw", None), ("pitch", None), ("roll", None), ("enhancer", None),
-        ("student", None), ("avatar", None), ("no_background", False))},
+    **{name: (default, ("megaportraits", "emoportraits")) for name, default in (
+        ("scale", None), ("yaw", None), ("pitch", None), ("roll", None), ("no_background", False))},
+    **{name: (None, ("megaportraits",)) for name in ("enhancer", "student", "avatar")},
+    **{name: (default, ("emoportraits",)) for name, default in (
+        ("speech_model", None), ("rotation_model", None), ("audio_embedder", None), ("fps", 25.0),
+        ("smoothing", 2.0), ("mouth_components", 8))},
 }
 
 
 def _run_reenact(args: argparse.Namespace) -> int:
+    from neuralhead.emoportraits.checkpoints import MAIN_SUBDIR
     from neuralhead.headgan.reenact import is_headgan_checkpoint
     from neuralhead.megaportraits.reenact import is_megaportraits_checkpoint
 
+    speech_options = args.speech_model is not None or args.rotation_model is not None
     if is_headgan_checkpoint(args.checkpoint):
         family = "headgan"
+    elif (args.checkpoint / MAIN_SUBDIR).is_dir() or (
+        is_megaportraits_checkpoint(args.checkpoint) and (speech_options or args.audio is not None)
+    ):
+        family = "emoportraits"
     elif is_megaportraits_checkpoint(args.checkpoint):
         family = "megaportraits"
     else:
@@ -593,10 +588,14 @@ def _run_reenact(args: argparse.Namespace) -> int:
             f"{', '.join(flags)} only apply to {' and '.join(_REENACT_FAMILIES[f] for f in families)}"
             for families, flags in misplaced.items()
         ))
+    if family != "emoportraits" and args.driving is None:
+        raise InputError(f"give what drives the {_REENACT_FAMILIES[family][:-1]} with --driving")
     if family == "headgan":
         return _run_reenact_headgan(args)
     if family == "megaportraits":
         return _run_reenact_megaportraits(args)
+    if family == "emoportraits":
+        return _run_reenact_emoportraits(args)
 
     from neuralhead.inference.reenact import reenact
 
@@ -662,6 +661,41 @@ def _run_reenact_megaportraits(args: argparse.Namespace) -> int:
         paste_back=args.paste_back,
         background=not args.no_background,
         side_by_side=args.side_by_side,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        device=args.device,
+    )
+    width, height = result.size
+    audio = "with audio" if result.has_audio else "no audio"
+    print(f"wrote {result.path}: {result.num_frames} frames of {width}x{height} at {result.fps:g} fps "
+          f"({result.motion}), {audio}")
+    return 0
+
+
+def _run_reenact_emoportraits(args: argparse.Namespace) -> int:
+    from neuralhead.emoportraits.reenact import reenact
+
+    if args.source is None:
+        raise InputError("an EMOPortraits checkpoint animates an image: give it with --source IMAGE")
+    result = reenact(
+        args.checkpoint,
+        args.source,
+        args.out,
+        driving_video=args.driving,
+        audio=args.audio,
+        speech_model=args.speech_model,
+        rotation_model=args.rotation_model,
+        audio_embedder=args.audio_embedder,
+        fps=args.fps,
+        motion=None if args.motion == "auto" else args.motion,
+        scale=args.scale,
+        yaw=args.yaw,
+        pitch=args.pitch,
+        roll=args.roll,
+        smoothing=args.smoothing,
+        mouth_components=args.mouth_components,
+        paste_back=args.paste_back,
+        background=not args.no_background,
         batch_size=args.batch_size,
         max_frames=args.max_frames,
         device=args.device,
@@ -1015,6 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_reenact(sub)
+    _add_expressions(sub)
     _add_compress(sub)
     _add_decompress(sub)
     _add_edit(sub)

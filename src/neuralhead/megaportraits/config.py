@@ -39,7 +39,9 @@ class MegaPortraitsConfig:
         descriptor_width, descriptor_layers: base width and blocks per stage of that ResNet-50.
         pose_image_size, pose_width, pose_layers: the head-pose ResNet-18 (128x128 crop).
         expression_image_size, expression_width, expression_layers: the expression ResNet-18
-            (128x128 pose-aligned crop); ``expression_dropout`` before its last layer (0.2).
+            (128x128 pose-aligned crop); ``expression_dropout`` before its last layer (0.2,
+            the authors' code). ``expression_output_dropout`` acts on ``z`` itself, the
+            "dropout as a last layer" of EMOPortraits (supplementary 1.1; 0 here).
         warp_channels: widths of the warping generators' adaptive 3D residual blocks
             (512 -> 256 -> 128 -> 64 -> 32); each block after the first up-samples.
         warp_start_depth: depth of the warping generators' start volume; its height and
@@ -99,6 +101,7 @@ class MegaPortraitsConfig:
     expression_width: int = 64
     expression_layers: tuple[int, ...] = (2, 2, 2, 2)
     expression_dropout: float = 0.2
+    expression_output_dropout: float = 0.0
 
     warp_channels: tuple[int, ...] = (512, 256, 128, 64, 32)
     warp_start_depth: int = 4

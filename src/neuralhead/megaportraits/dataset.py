@@ -96,13 +96,18 @@ class MegaPortraitsPairs(torch.utils.data.Dataset):
         if image_size < 8:
             raise InputError(f"image_size must be at least 8, got {image_size}")
         self.image_size, self.split, self.cross_pairs = image_size, split, cross_pairs
-        budget = cache_limit_gb * 2**30
+        self._cache_left = cache_limit_gb * 2**30
         self.clips: list[_Clip] = []
-        for root in dirs:
-            clip = self._load(root, budget, progress)
-            budget -= 4 * len(clip.valid_frames) * image_size**2 if clip.mask_cache else 0
-            self.clips.append(clip)
+        self._add_clips(dirs, progress)
         self._starts = np.cumsum([0] + [len(c.valid_frames) for c in self.clips]).tolist()
+
+    def _add_clips(self, dirs: Iterable[Path], progress: bool) -> None:
+        """Load ``dirs`` as further clips, caching them while the memory budget lasts."""
+        for root in dirs:
+            clip = self._load(root, self._cache_left, progress)
+            if clip.mask_cache:
+                self._cache_left -= 4 * len(clip.valid_frames) * self.image_size**2
+            self.clips.append(clip)
 
     def _load(self, root: Path, budget: float, progress: bool) -> _Clip:
         files = DatasetFiles.open(root)
@@ -175,21 +180,27 @@ class MegaPortraitsPairs(torch.utils.data.Dataset):
         self, indices: Sequence[int], generator: torch.Generator | None = None
     ) -> list[dict[str, tuple[int, int]]]:
         """Sample descriptions: for each index, ``{role: (video, frame)}``."""
-        samples = []
-        for index in indices:
-            video, driver = self.locate(int(index))
-            sample = {
-                "driver": (video, driver),
-                "source": (video, self._other_frame(video, driver, generator)),
-            }
-            if self.cross_pairs:
-                pick = int(torch.randint(self.num_videos - 1, (1,), generator=generator))
-                other = pick + (pick >= video)
-                other_driver = self._random_frame(other, generator)
-                sample["other_driver"] = (other, other_driver)
-                sample["other_source"] = (other, self._other_frame(other, other_driver, generator))
-            samples.append(sample)
-        return samples
+        return [self.draw_sample(*self.locate(int(index)), generator) for index in indices]
+
+    def draw_sample(
+        self, video: int, driver: int, generator: torch.Generator | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """The description of the sample whose driver is frame ``driver`` of ``video``."""
+        sample = {
+            "driver": (video, driver),
+            "source": (video, self._other_frame(video, driver, generator)),
+        }
+        if self.cross_pairs:
+            other = self._another_video(video, generator)
+            other_driver = self._random_frame(other, generator)
+            sample["other_driver"] = (other, other_driver)
+            sample["other_source"] = (other, self._other_frame(other, other_driver, generator))
+        return sample
+
+    def _another_video(self, video: int, generator: torch.Generator | None) -> int:
+        """A video other than ``video``, drawn uniformly."""
+        pick = int(torch.randint(self.num_videos - 1, (1,), generator=generator))
+        return pick + (pick >= video)
 
     # ------------------------------------------------------------------ loading
     def frame(self, video: int, frame: int) -> dict[str, torch.Tensor]:

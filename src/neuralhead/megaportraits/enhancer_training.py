@@ -449,10 +449,11 @@ def build_config(options: EnhancerTrainOptions) -> EnhancerConfig:
 
 
 def load_base_model(path: str | Path) -> nn.Module:
-    """A saved MegaPortraits base model (``config.json`` + ``model.safetensors``)."""
-    from neuralhead.megaportraits.base_model import MegaPortraitsBase
+    """A MegaPortraits base model: its training run's directory or the saved model's own
+    (``config.json`` + ``model.safetensors``)."""
+    from neuralhead.megaportraits.reenact import load_base
 
-    return MegaPortraitsBase.from_pretrained(path)
+    return load_base(path)
 
 
 def train_enhancer(

@@ -125,7 +125,16 @@ def contrastive_ranking(
     """Fraction of (positive, negative) pair comparisons of Eq. 7 where the positive pair is
     the more similar (cosine), over the batch: 1 means every positive outranks every
     negative, 0.5 is chance. Ties count half."""
-    positive, negative = contrastive_pairs(z_pred, z_cross_pred, z_driver, z_other_driver)
+    return pair_ranking(*contrastive_pairs(z_pred, z_cross_pred, z_driver, z_other_driver))
+
+
+@torch.no_grad()
+def pair_ranking(
+    positive: list[tuple[torch.Tensor, torch.Tensor]],
+    negative: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Fraction of (positive, negative) comparisons, per sample and over every pair of each
+    list, where the positive pair has the higher cosine similarity; ties count half."""
     pos = torch.stack([_cosine(a, b) for a, b in positive], dim=1)  # (B, P)
     neg = torch.stack([_cosine(a, b) for a, b in negative], dim=1)  # (B, N)
     difference = pos[:, :, None] - neg[:, None, :]
@@ -209,6 +218,43 @@ class MegaPortraitsLoss(nn.Module):
                 or none (none leaves L_cos out).
             z_source: z_s, for the optional mismatch term (with ``z_driver``).
         """
+        weights = self.weights
+        terms = self._image_terms(pred, target, landmarks=landmarks, d_fake=d_fake, d_real=d_real)
+        codes = (z_pred, z_cross_pred, z_driver, z_other_driver)
+        if any(z is not None for z in codes):
+            if any(z is None for z in codes):
+                raise InputError(
+                    "the cycle-consistency loss needs z_pred, z_cross_pred, z_driver and "
+                    "z_other_driver together"
+                )
+            if weights["contrastive"]:
+                positive, negative = contrastive_pairs(*codes)
+                terms["contrastive"] = pair_contrastive_loss(
+                    positive,
+                    negative,
+                    scale=self.config.cos_scale,
+                    margin=self.config.cos_margin,
+                )
+        if weights["mismatch"] and z_source is not None and z_driver is not None:
+            terms["mismatch"] = source_driver_mismatch_loss(
+                z_source.float(), z_driver.float(), margin=self.config.mismatch_margin
+            )
+        if not terms:
+            raise InputError("every generator term is disabled or unavailable")
+        total = torch.stack([weights[name] * value.float() for name, value in terms.items()]).sum()
+        return total, _detached(terms)
+
+    def _image_terms(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        landmarks: torch.Tensor | None,
+        d_fake: DiscriminatorOutput | None,
+        d_real: DiscriminatorOutput | None,
+    ) -> dict[str, torch.Tensor]:
+        """The terms computed from the images and the discriminator's outputs (perceptual, GAN
+        and the optional L1), unweighted and attached; shared with the EMOPortraits objective."""
         if pred.dim() != 4 or pred.shape != target.shape:
             raise InputError(
                 f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} must be "
@@ -233,31 +279,9 @@ class MegaPortraitsLoss(nn.Module):
                 terms["adversarial"] = hinge_generator_loss(d_fake)
             if weights["feature_matching"]:
                 terms["feature_matching"] = feature_matching_loss(d_real, d_fake)
-        codes = (z_pred, z_cross_pred, z_driver, z_other_driver)
-        if any(z is not None for z in codes):
-            if any(z is None for z in codes):
-                raise InputError(
-                    "the cycle-consistency loss needs z_pred, z_cross_pred, z_driver and "
-                    "z_other_driver together"
-                )
-            if weights["contrastive"]:
-                positive, negative = contrastive_pairs(*codes)
-                terms["contrastive"] = pair_contrastive_loss(
-                    positive,
-                    negative,
-                    scale=self.config.cos_scale,
-                    margin=self.config.cos_margin,
-                )
-        if weights["mismatch"] and z_source is not None and z_driver is not None:
-            terms["mismatch"] = source_driver_mismatch_loss(
-                z_source.float(), z_driver.float(), margin=self.config.mismatch_margin
-            )
         if weights["l1"]:
             terms["l1"] = F.l1_loss(pred, target)
-        if not terms:
-            raise InputError("every generator term is disabled or unavailable")
-        total = torch.stack([weights[name] * value.float() for name, value in terms.items()]).sum()
-        return total, _detached(terms)
+        return terms
 
     def discriminator_loss(
         self, d_real: DiscriminatorOutput, d_fake: DiscriminatorOutput

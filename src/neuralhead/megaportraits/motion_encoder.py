@@ -251,7 +251,9 @@ class ExpressionEncoder(nn.Module):
     :func:`face_crop` at ``config.expression_image_size``; without it, ``image`` is taken to be
     a face crop already and is resized. The ResNet uses the base model's norms (GroupNorm,
     weight standardisation and spectral norm per the config; A.1) and dropout
-    (``expression_dropout``, 0.2) before its last, linear layer (notes).
+    (``expression_dropout``, 0.2) before its last, linear layer (notes); EMOPortraits'
+    dropout on ``z`` itself ("a last layer of E_motion", supplementary 1.1) is
+    ``expression_output_dropout``.
     """
 
     def __init__(self, config: MegaPortraitsConfig) -> None:
@@ -269,6 +271,10 @@ class ExpressionEncoder(nn.Module):
             spectral_norm=config.spectral_norm,
             dropout=config.expression_dropout,
         )
+        rate = config.expression_output_dropout
+        if not 0.0 <= rate < 1.0:
+            raise InputError(f"expression_output_dropout must be in [0, 1), got {rate}")
+        self.output_dropout = nn.Dropout(rate) if rate > 0 else nn.Identity()
 
     def crop(self, image: torch.Tensor, pose: dict[str, torch.Tensor]) -> torch.Tensor:
         """The network's input: the face crop of ``image`` for ``pose`` at its input size."""
@@ -284,4 +290,4 @@ class ExpressionEncoder(nn.Module):
     ) -> torch.Tensor:
         check_input(image, name="ExpressionEncoder", channels=3, spatial_dims=2)
         x = resize_square(image, self.image_size) if pose is None else self.crop(image, pose)
-        return self.backbone(imagenet_normalize(x))
+        return self.output_dropout(self.backbone(imagenet_normalize(x)))

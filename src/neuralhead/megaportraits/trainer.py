@@ -50,7 +50,7 @@ from torch import nn
 from neuralhead import __version__
 from neuralhead.errors import InputError, WeightsMissingError
 from neuralhead.megaportraits.augmentation import DriverAugmentation, PairAugmentation
-from neuralhead.megaportraits.base_model import DriverMotion, MegaPortraitsBase
+from neuralhead.megaportraits.base_model import DriverMotion, MegaPortraitsBase, SourceState
 from neuralhead.megaportraits.config import MegaPortraitsConfig, preset
 from neuralhead.megaportraits.dataset import MegaPortraitsPairs
 from neuralhead.megaportraits.losses import (
@@ -192,7 +192,8 @@ class GeneratorStep(nn.Module):
     returns ``image`` (x_s->d), ``z_source``, ``z_driver`` (from the driver crop, augmented
     in training mode when an augmentation is set), ``driver_crop`` (that crop) and, when the
     batch holds the cross pair, ``cross_image`` (x_s*->d), ``z_pred`` and ``z_cross_pred``
-    (E_mtn's codes of the two outputs) and ``z_other_driver``.
+    (E_mtn's codes of the two outputs) and ``z_other_driver``; a subclass adds outputs of its
+    own with :meth:`extra_outputs`.
     """
 
     def __init__(self, model: MegaPortraitsBase, augmentation: DriverAugmentation | None) -> None:
@@ -214,6 +215,18 @@ class GeneratorStep(nn.Module):
         """E_mtn's expression code of a generated image (gradients reach the image)."""
         return self.model.expression_encoder(image, self.model.estimate_pose(image))
 
+    def extra_outputs(
+        self,
+        batch: dict[str, torch.Tensor],
+        source: SourceState,
+        motion: DriverMotion,
+        other: SourceState | None,
+        generator: torch.Generator | None,
+    ) -> dict[str, torch.Tensor]:
+        """Further outputs from the step's source, driver motion and other source (x_s*, None
+        without cross pairs); none here."""
+        return {}
+
     def forward(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
@@ -221,6 +234,7 @@ class GeneratorStep(nn.Module):
         motion, crop = self.motion(batch["driver"], generator)
         image = self.model.render(source, motion)["image"]
         out = {"image": image, "z_source": source.z_s, "z_driver": motion.z_d, "driver_crop": crop}
+        other = None
         if "other_source" in batch:
             other = self.model.encode_source(batch["other_source"], batch["other_source_mask"])
             cross = self.model.render(other, motion)["image"]
@@ -231,6 +245,7 @@ class GeneratorStep(nn.Module):
                 z_cross_pred=self.read_expression(cross),
                 z_other_driver=other_motion.z_d,
             )
+        out.update(self.extra_outputs(batch, source, motion, other, generator))
         return out
 
 
@@ -246,7 +261,36 @@ def _rgb(images: torch.Tensor) -> np.ndarray:
 
 
 class MegaPortraitsTask:
-    """The :class:`~neuralhead.training.engine.Task` that trains the base model."""
+    """The :class:`~neuralhead.training.engine.Task` that trains the base model.
+
+    A model whose training extends the base model's (EMOPortraits) subclasses it: the class
+    attributes name the run, its options, datasets, generator step and export directory, and
+    these methods are the parts it may change: :meth:`_train_set`, :meth:`_heldout_set`,
+    :meth:`_build_loss`, :meth:`_build_sampler` and :meth:`_draw_batch` (data and objective),
+    :meth:`generator_loss` and :meth:`ranking` (the step), :meth:`heldout_samples`,
+    :meth:`heldout_sums` and :meth:`preview_row` (evaluation), :attr:`unavailable` and
+    :meth:`run_config` (the run's record).
+    """
+
+    #: ``config.json``'s "model", checked when resuming.
+    model_name = "megaportraits"
+    #: Name of the model in messages.
+    title = "MegaPortraits"
+    options_class: type = MegaPortraitsTrainOptions
+    pairs_class: type[MegaPortraitsPairs] = MegaPortraitsPairs
+    step_class: type[GeneratorStep] = GeneratorStep
+    #: Sub-directory of the run that :meth:`finish` saves the model to.
+    export_dir = EXPORT_DIR
+    #: Frames augmented with one draw of B.1's jitter and flip (each pair shares one).
+    augmented_groups: tuple[tuple[str, ...], ...] = (
+        ("source", "driver"),
+        ("other_source", "other_driver"),
+    )
+
+    @staticmethod
+    def build_config(options: MegaPortraitsTrainOptions) -> MegaPortraitsConfig:
+        """The model config of a new run's options."""
+        return build_config(options)
 
     def __init__(
         self,
@@ -262,29 +306,14 @@ class MegaPortraitsTask:
                 "and pass --pose-network FILE"
             )
         self.engine, self.options, self.config = engine, options, config
-        progress = engine.is_main and engine.options.progress
-        self.train_set = MegaPortraitsPairs(
-            data_dirs,
-            config.image_size,
-            "train",
-            cache_limit_gb=options.cache_limit_gb,
-            progress=progress,
-        )
+        self.train_set = self._train_set(data_dirs)
         self.heldout = self._heldout_set(data_dirs)
-        networks = load_loss_networks(config, options)
-        self.loss = MegaPortraitsLoss(
-            config,
-            vgg19=networks["vgg19"],
-            vggface=networks["vggface"],
-            gaze=networks["gaze"],
-            vgg19_pyramid=pyramid_levels(config.image_size, options.vgg_pyramid),
-            l1_weight=options.l1_weight,
-        ).to(engine.device)
+        self.loss = self._build_loss(load_loss_networks(config, options)).to(engine.device)
 
         self.raw_model = MegaPortraitsBase(config).load_head_pose(options.pose_network)
         self.pair_augmentation = PairAugmentation() if options.augment else None
         augmentation = DriverAugmentation() if options.augment else None
-        self.raw_step = GeneratorStep(self.raw_model, augmentation)
+        self.raw_step = self.step_class(self.raw_model, augmentation)
         self.raw_discriminator = MultiScalePatchDiscriminator(
             3,
             num_scales=config.disc_num_scales,
@@ -304,12 +333,15 @@ class MegaPortraitsTask:
         self.d_optimizer = torch.optim.AdamW(self.raw_discriminator.parameters(), **adamw)
         self.g_scheduler = cosine_schedule(self.g_optimizer, config)
         self.d_scheduler = cosine_schedule(self.d_optimizer, config)
-        self.sampler = StepSampler(
-            list(range(len(self.train_set))),
-            config.batch_size,
-            engine.options.seed,
-            engine.rank,
-            engine.world_size,
+        self.sampler = self._build_sampler()
+
+    def _train_set(self, data_dirs: list[Path]) -> MegaPortraitsPairs:
+        return self.pairs_class(
+            data_dirs,
+            self.config.image_size,
+            "train",
+            cache_limit_gb=self.options.cache_limit_gb,
+            progress=self.engine.is_main and self.engine.options.progress,
         )
 
     def _heldout_set(self, data_dirs: list[Path]) -> MegaPortraitsPairs | None:
@@ -324,9 +356,34 @@ class MegaPortraitsTask:
         if not usable:
             log.warning("no held-out evaluation: no dataset has held-out frames with a face")
             return None
-        return MegaPortraitsPairs(
+        return self.pairs_class(
             usable, self.config.image_size, "heldout", cross_pairs=len(usable) > 1
         )
+
+    def _build_loss(self, networks: dict[str, nn.Module | None]) -> MegaPortraitsLoss:
+        """The objective, given the perceptual networks found (:func:`load_loss_networks`)."""
+        return MegaPortraitsLoss(
+            self.config,
+            vgg19=networks["vgg19"],
+            vggface=networks["vggface"],
+            gaze=networks["gaze"],
+            vgg19_pyramid=pyramid_levels(self.config.image_size, self.options.vgg_pyramid),
+            l1_weight=self.options.l1_weight,
+        )
+
+    def _build_sampler(self) -> StepSampler:
+        engine = self.engine
+        return StepSampler(
+            list(range(len(self.train_set))),
+            self.config.batch_size,
+            engine.options.seed,
+            engine.rank,
+            engine.world_size,
+        )
+
+    def _draw_batch(self, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The training batch of ``step`` (a function of the step and the seeded generator)."""
+        return self.train_set.batch(self.sampler.batch(step), generator)
 
     # ------------------------------------------------------------------ Task protocol
     def modules(self) -> dict[str, nn.Module]:
@@ -350,8 +407,7 @@ class MegaPortraitsTask:
         if self.pair_augmentation is None:
             return batch
         batch = dict(batch)
-        pairs = [("source", "driver"), ("other_source", "other_driver")]
-        for pair in pairs:
+        for pair in self.augmented_groups:
             if pair[0] not in batch:
                 continue
             parameters = self.pair_augmentation.draw(batch[pair[0]].shape[0], generator)
@@ -368,8 +424,7 @@ class MegaPortraitsTask:
 
     def train_step(self, step: int) -> dict[str, float]:
         generator = self._generator(step)
-        batch = self.train_set.batch(self.sampler.batch(step), generator)
-        batch = self._augment_pairs(self._to_device(batch), generator)
+        batch = self._augment_pairs(self._to_device(self._draw_batch(step, generator)), generator)
         target = foreground(batch["driver"], batch["driver_mask"])
         size = target.shape[0]
         self.step_module.train()
@@ -381,18 +436,7 @@ class MegaPortraitsTask:
         with self.engine.autocast():
             out = self.step_module(batch, generator)
             d_fake, d_real = _split(self.raw_discriminator(torch.cat([out["image"], target])), size)
-            g_total, g_terms = self.loss.generator_loss(
-                out["image"],
-                target,
-                landmarks=batch["driver_landmarks"],
-                d_fake=d_fake,
-                d_real=d_real,
-                z_pred=out.get("z_pred"),
-                z_cross_pred=out.get("z_cross_pred"),
-                z_driver=out["z_driver"],
-                z_other_driver=out.get("z_other_driver"),
-                z_source=out["z_source"],
-            )
+            g_total, g_terms = self.generator_loss(batch, out, target, d_fake, d_real)
         self.g_optimizer.zero_grad(set_to_none=True)
         self.engine.backward_and_step(g_total, self.g_optimizer)
         self.raw_discriminator.requires_grad_(True)
@@ -412,13 +456,40 @@ class MegaPortraitsTask:
         stats["lr"] = self.g_scheduler.get_last_lr()[0]
         with torch.no_grad():
             stats["l1_255"] = float(l1_255(out["image"].detach().float(), target).mean())
-            if "z_pred" in out:
-                stats["ranking"] = float(
-                    contrastive_ranking(
-                        out["z_pred"], out["z_cross_pred"], out["z_driver"], out["z_other_driver"]
-                    )
-                )
+            ranking = self.ranking(out)
+            if ranking is not None:
+                stats["ranking"] = float(ranking)
         return stats
+
+    def generator_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        out: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        d_fake: Any,
+        d_real: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_base (Eq. 8) of the generator step's outputs against ``target``."""
+        return self.loss.generator_loss(
+            out["image"],
+            target,
+            landmarks=batch["driver_landmarks"],
+            d_fake=d_fake,
+            d_real=d_real,
+            z_pred=out.get("z_pred"),
+            z_cross_pred=out.get("z_cross_pred"),
+            z_driver=out["z_driver"],
+            z_other_driver=out.get("z_other_driver"),
+            z_source=out["z_source"],
+        )
+
+    def ranking(self, out: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The contrastive ranking of the outputs' codes (None without cross pairs)."""
+        if "z_pred" not in out:
+            return None
+        return contrastive_ranking(
+            out["z_pred"], out["z_cross_pred"], out["z_driver"], out["z_other_driver"]
+        )
 
     # ------------------------------------------------------------------ evaluation
     def heldout_samples(self) -> list[dict[str, tuple[int, int]]]:
@@ -463,21 +534,27 @@ class MegaPortraitsTask:
             chunk = samples[start : start + size]
             batch = self._to_device(self.heldout.collate(chunk))
             out = self.generate(batch)
-            target = foreground(batch["driver"], batch["driver_mask"])
-            baseline = foreground(batch["source"], batch["source_mask"])
-            for name, prediction in (("heldout", out["image"]), ("baseline", baseline)):
-                for metric, fn in (("l1", l1_255), ("psnr", psnr)):
-                    key = f"{name}_{metric}"
-                    sums[key] = sums.get(key, 0.0) + float(fn(prediction, target).sum())
-            if "z_pred" in out:
-                ranking = contrastive_ranking(
-                    out["z_pred"], out["z_cross_pred"], out["z_driver"], out["z_other_driver"]
-                )
+            for key, value in self.heldout_sums(batch, out).items():
+                sums[key] = sums.get(key, 0.0) + value
+            ranking = self.ranking(out)
+            if ranking is not None:
                 rankings.append((float(ranking), len(chunk)))
         metrics = {key: value / len(samples) for key, value in sums.items()}
         if rankings:
             metrics["heldout_ranking"] = sum(r * n for r, n in rankings) / len(samples)
         return metrics
+
+    def heldout_sums(
+        self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """Per-sample metrics of one held-out batch, summed (:meth:`evaluate` averages them)."""
+        target = foreground(batch["driver"], batch["driver_mask"])
+        baseline = foreground(batch["source"], batch["source_mask"])
+        sums = {}
+        for name, prediction in (("heldout", out["image"]), ("baseline", baseline)):
+            for metric, fn in (("l1", l1_255), ("psnr", psnr)):
+                sums[f"{name}_{metric}"] = float(fn(prediction, target).sum())
+        return sums
 
     def preview(self, step: int) -> np.ndarray:
         """Rows of source | driver | driver crop | x_s->d | target | x_s* | x_s*->d."""
@@ -489,45 +566,49 @@ class MegaPortraitsTask:
         for k, sample in enumerate(samples):
             dataset = self.train_set if k == 0 else self.heldout
             batch = dataset.collate([sample])
-            out = self.generate(batch)
             split = "train" if k == 0 else "held-out"
-            row = [
-                label(_rgb(batch["source"]), "source"),
-                label(_rgb(batch["driver"]), f"{split} driver"),
-                label(_rgb(out["driver_crop"]), "crop"),
-                label(_rgb(out["image"]), "generated"),
-                label(_rgb(foreground(batch["driver"], batch["driver_mask"])), "target"),
-            ]
-            if "cross_image" in out:
-                row += [
-                    label(_rgb(batch["other_source"]), "other source"),
-                    label(_rgb(out["cross_image"]), "cross"),
-                ]
-            rows.append(row)
+            rows.append(self.preview_row(batch, self.generate(batch), split))
         return grid(rows)
 
+    def preview_row(
+        self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], split: str
+    ) -> list[np.ndarray]:
+        """The labelled images of one preview sample (a batch of one)."""
+        row = [
+            label(_rgb(batch["source"]), "source"),
+            label(_rgb(batch["driver"]), f"{split} driver"),
+            label(_rgb(out["driver_crop"]), "crop"),
+            label(_rgb(out["image"]), "generated"),
+            label(_rgb(foreground(batch["driver"], batch["driver_mask"])), "target"),
+        ]
+        if "cross_image" in out:
+            row += [
+                label(_rgb(batch["other_source"]), "other source"),
+                label(_rgb(out["cross_image"]), "cross"),
+            ]
+        return row
+
     def finish(self, run_dir: Path) -> None:
-        """Save the base model to ``run_dir/megaportraits`` (see the module docstring)."""
-        self.raw_model.save_pretrained(run_dir / EXPORT_DIR)
+        """Save the model to ``run_dir /`` :attr:`export_dir` (see the module docstring)."""
+        self.raw_model.save_pretrained(run_dir / self.export_dir)
 
+    @property
+    def unavailable(self) -> list[str]:
+        """Loss terms the run leaves out because something they need is missing."""
+        return self.loss.unavailable
 
-def run_config(
-    data_dirs: list[Path],
-    options: MegaPortraitsTrainOptions,
-    config: MegaPortraitsConfig,
-    engine: Engine,
-    unavailable: list[str],
-) -> dict[str, Any]:
-    return {
-        "model": "megaportraits",
-        "neuralhead_version": __version__,
-        "data": [str(Path(d).resolve()) for d in data_dirs],
-        "train": asdict(options),
-        "engine": asdict(engine.options),
-        "model_config": config_to_dict(config),
-        "unavailable_losses": unavailable,
-        "world_size": engine.world_size,
-    }
+    def run_config(self, data_dirs: list[Path]) -> dict[str, Any]:
+        """What the run's ``config.json`` records (resuming reads it back)."""
+        return {
+            "model": self.model_name,
+            "neuralhead_version": __version__,
+            "data": [str(Path(d).resolve()) for d in data_dirs],
+            "train": asdict(self.options),
+            "engine": asdict(self.engine.options),
+            "model_config": config_to_dict(self.config),
+            "unavailable_losses": self.unavailable,
+            "world_size": self.engine.world_size,
+        }
 
 
 def train_megaportraits(
@@ -544,17 +625,28 @@ def train_megaportraits(
     are used and ``data_dirs`` and ``options`` are ignored. A new run is evaluated once before
     its first step, so that its stats hold the starting point. Works under torchrun.
     """
+    return train_task(MegaPortraitsTask, data_dirs, run_dir, options, engine_options, resume)
+
+
+def train_task(
+    task_class: type[MegaPortraitsTask],
+    data_dirs: list[str | Path],
+    run_dir: str | Path,
+    options: MegaPortraitsTrainOptions,
+    engine_options: EngineOptions,
+    resume: bool = False,
+) -> Path:
+    """Train (or resume) a run of ``task_class`` (see :func:`train_megaportraits`)."""
     run_dir = Path(run_dir)
+    name = task_class.model_name
     run = None
     if resume:
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise InputError(f"cannot resume: {run_dir} has no config.json")
         run = json.loads(saved.read_text())
-        if run.get("model") != "megaportraits":
-            raise InputError(
-                f"cannot resume: {run_dir} is a {run.get('model')} run, not megaportraits"
-            )
+        if run.get("model") != name:
+            raise InputError(f"cannot resume: {run_dir} is a {run.get('model')} run, not {name}")
         engine_options = replace(engine_options, seed=run["engine"]["seed"])
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise InputError(
@@ -563,7 +655,7 @@ def train_megaportraits(
         )
     if run is not None:
         data_dirs = run["data"]
-        options = MegaPortraitsTrainOptions(**run["train"])
+        options = task_class.options_class(**run["train"])
         config = config_from_dict(MegaPortraitsConfig, run["model_config"])
     else:
         if not data_dirs:
@@ -571,18 +663,18 @@ def train_megaportraits(
         if "num_iterations" not in options.model_overrides:
             overrides = {**options.model_overrides, "num_iterations": engine_options.max_steps}
             options = replace(options, model_overrides=overrides)
-        config = build_config(options)
+        config = task_class.build_config(options)
     data_dirs = [Path(d) for d in data_dirs]
 
     engine = Engine.create(run_dir, engine_options)
     task = None
     try:
-        task = MegaPortraitsTask(engine, data_dirs, options, config)
-        unavailable = task.loss.unavailable
-        engine.prepare_run_dir(run_config(data_dirs, options, config, engine, unavailable), resume)
+        task = task_class(engine, data_dirs, options, config)
+        unavailable = task.unavailable
+        engine.prepare_run_dir(task.run_config(data_dirs), resume)
         train_log.info(
-            "MegaPortraits %s on %d videos (%d training frames); losses left out for missing "
-            "weights: %s",
+            "%s %s on %d videos (%d training frames); losses left out for missing weights: %s",
+            task.title,
             options.preset,
             len(data_dirs),
             len(task.train_set),
