@@ -219,3 +219,15 @@ def test_cli_drives_by_audio(files, tmp_path, capsys):
     assert "needs a speech encoder" in capsys.readouterr().err
     assert main([*args, "--speech-model", str(files["speech"]), "--enhancer", "e"]) == 2
     assert "--enhancer only apply to MegaPortraits checkpoints" in capsys.readouterr().err
+
+
+def test_benchmark_times_speech_driving_per_frame_of_a_window():
+    from neuralhead.benchmark import SPEECH_WINDOW, _model_and_inputs
+
+    net, inputs = _model_and_inputs("emoportraits-speech", 512, 1, torch.device("cpu"))
+    assert net.frames_per_call == SPEECH_WINDOW
+    with torch.inference_mode():
+        out = net(**inputs)
+    assert out.shape == (SPEECH_WINDOW, 128 + 9) and torch.isfinite(out).all()
+    with pytest.raises(InputError, match="batch 1"):
+        _model_and_inputs("emoportraits-speech", 512, 2, torch.device("cpu"))

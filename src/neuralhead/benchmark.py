@@ -24,6 +24,13 @@ the student's 512 rows, is 130 FPS on an RTX 3090 in FP16 (Sec. 4.5, Fig. 6); th
 does not say at which resolution (its student is distilled from the base and the
 high-resolution models), so 512, the base model's, is our reading.
 
+EMOPortraits: ``emoportraits-base`` times the main model per driving frame as
+``megaportraits-base`` does (the ``emoportraits-*`` preset: same networks, 128-d expression
+code); ``emoportraits-speech`` times what speech driving adds per frame, E_aud and the head-motion
+generator over one 64-frame window of audio embeddings (the generator's window), per frame; the
+audio embedder (Whisper) and the render (``emoportraits-base``) are not included. The paper
+gives no speed figure for either.
+
 Half precision runs the model under ``torch.autocast`` (bf16 or fp16); a precision the
 device cannot run is recorded as unsupported with the reason, not skipped silently.
 """
@@ -63,7 +70,12 @@ DEFAULT_RESOLUTIONS = {
     "megaportraits-base": (512,),
     "megaportraits-enhancer": (512,),
     "megaportraits-student": (512,),
+    "emoportraits-base": (512,),
+    "emoportraits-speech": (512,),
 }
+
+#: Frames of audio the speech benchmark drives at once (the head-motion generator's window).
+SPEECH_WINDOW = 64
 
 #: Avatars of the benchmarked student (the paper's 100, Sec. 4.1).
 STUDENT_AVATARS = 100
@@ -81,6 +93,50 @@ class MegaPortraitsFrame(torch.nn.Module):
 
     def forward(self, driver: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.base.render(self.source, self.base.encode_driver(driver))
+
+
+class EMOSpeechWindow(torch.nn.Module):
+    """E_aud's codes and the generated head motion for a window of audio embeddings.
+
+    ``forward(audio)`` takes ``(1, T, A)`` and returns ``(T, d + 9)``: each frame's expression
+    code and its rotation (6D) and translation relative to the first frame.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, rotation: torch.nn.Module, z0: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder, self.rotation, self.z0 = encoder, rotation, z0
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        codes = self.encoder(audio, self.z0)[0]
+        return torch.cat([codes, self.rotation(audio)[0].to(codes)], dim=1)
+
+
+def _emoportraits_and_inputs(model: str, resolution: int, batch: int, device: torch.device):
+    from neuralhead.emoportraits.config import preset
+
+    config = (
+        preset("emoportraits-256")
+        if resolution == 256
+        else preset("emoportraits-512", image_size=resolution, volume_size=resolution // 8)
+    )
+    if model == "emoportraits-base":
+        from neuralhead.megaportraits.base_model import MegaPortraitsBase
+
+        base = MegaPortraitsBase(config).to(device).eval()
+        net = MegaPortraitsFrame(base, torch.rand(1, 3, resolution, resolution, device=device))
+        return net, {"driver": torch.rand(batch, 3, resolution, resolution, device=device)}
+    from neuralhead.emoportraits.audio_encoder import SpeechEncoderConfig, SpeechExpressionEncoder
+    from neuralhead.emoportraits.rotation_generator import RotationGenerator, rotation_preset
+
+    if batch != 1:
+        raise InputError(f"emoportraits-speech drives one {SPEECH_WINDOW}-frame window: use batch 1")
+    encoder = SpeechExpressionEncoder(SpeechEncoderConfig(expression_dim=config.expression_dim))
+    rotation = RotationGenerator(rotation_preset("rotation"))
+    z0 = torch.randn(1, config.expression_dim, device=device)
+    net = EMOSpeechWindow(encoder, rotation, z0).to(device).eval()
+    net.frames_per_call = SPEECH_WINDOW
+    audio = torch.randn(1, SPEECH_WINDOW, encoder.config.audio_dim, device=device)
+    return net, {"audio": audio}
 
 
 def _megaportraits_and_inputs(model: str, resolution: int, batch: int, device: torch.device):
@@ -135,6 +191,8 @@ def _model_and_inputs(model: str, resolution: int, batch: int, device: torch.dev
         return _headgan_and_inputs(resolution, batch, device)
     if model.startswith("megaportraits-"):
         return _megaportraits_and_inputs(model, resolution, batch, device)
+    if model.startswith("emoportraits-"):
+        return _emoportraits_and_inputs(model, resolution, batch, device)
     if model != "dnp":
         raise ValueError(f"unknown model {model!r}")
     from neuralhead.dnp import DynamicNeuralPortrait, preset
@@ -190,7 +248,8 @@ def _run_one(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(spec["iterations"]):
             start = time.perf_counter()
             forward()
-            times.append((time.perf_counter() - start) * 1000.0 / spec["batch_size"])
+            frames = getattr(net, "frames_per_call", spec["batch_size"])
+            times.append((time.perf_counter() - start) * 1000.0 / frames)
         times.sort()
         result.update(
             status="ok",

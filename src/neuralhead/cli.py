@@ -564,21 +564,11 @@ _REENACT_FAMILY_OPTIONS = {
 
 
 def _run_reenact(args: argparse.Namespace) -> int:
-    from neuralhead.emoportraits.checkpoints import MAIN_SUBDIR
-    from neuralhead.headgan.reenact import is_headgan_checkpoint
-    from neuralhead.megaportraits.reenact import is_megaportraits_checkpoint
+    from neuralhead.inference.reenact import checkpoint_family
 
-    speech_options = args.speech_model is not None or args.rotation_model is not None
-    if is_headgan_checkpoint(args.checkpoint):
-        family = "headgan"
-    elif (args.checkpoint / MAIN_SUBDIR).is_dir() or (
-        is_megaportraits_checkpoint(args.checkpoint) and (speech_options or args.audio is not None)
-    ):
-        family = "emoportraits"
-    elif is_megaportraits_checkpoint(args.checkpoint):
-        family = "megaportraits"
-    else:
-        family = "dnp"
+    speech = any(v is not None for v in (args.audio, args.speech_model, args.rotation_model))
+    # Anything unrecognised goes to the DNP pipeline, whose loader says what is wrong with it.
+    family = checkpoint_family(args.checkpoint, speech=speech) or "dnp"
     misplaced: dict[tuple[str, ...], list[str]] = {}
     for name, (default, families) in _REENACT_FAMILY_OPTIONS.items():
         if family not in families and getattr(args, name) != default:
@@ -947,9 +937,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="time per frame and peak memory of the generators")
     p.add_argument("--model", default="dnp", choices=["dnp", "headgan", "megaportraits-base",
-                                                      "megaportraits-enhancer", "megaportraits-student"])
+                                                      "megaportraits-enhancer", "megaportraits-student",
+                                                      "emoportraits-base", "emoportraits-speech"])
     p.add_argument("--resolutions", type=int, nargs="+", default=None,
-                   help="input sides; default: the papers' (dnp 256 512 1024, headgan 256, megaportraits-* 512)")
+                   help="input sides; default: the papers' (dnp 256 512 1024, headgan 256, megaportraits-* and "
+                   "emoportraits-* 512)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: all present)")
     p.add_argument("--batch-size", type=_positive_int, default=1)
