@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -16,20 +17,26 @@ from neuralhead.emoportraits import preset
 from neuralhead.emoportraits.latent_space import (
     ExpressionPCA,
     add_analyse_arguments,
+    add_components_arguments,
     add_mouth_basis_arguments,
     analyse,
     auc_z,
+    component_effects,
     explained_variance,
     expression_codes,
     freeze_upper_face,
     mouth_basis,
     pca_loss,
     run_analyse,
+    run_components,
     run_mouth_basis,
     upper_face_mask,
+    write_component_figure,
 )
-from neuralhead.errors import InputError
+from neuralhead.emoportraits.losses import landmark_region_masks
+from neuralhead.errors import InputError, NoFaceError
 from neuralhead.megaportraits import MegaPortraitsBase
+from neuralhead.megaportraits.base_model import DriverMotion
 from neuralhead.tracking.template import load_template
 
 
@@ -432,3 +439,217 @@ def test_command_line(model: MegaPortraitsBase, dataset: Path, tmp_path: Path, c
     assert run_mouth_basis(args) == 0
     assert ExpressionPCA.load(out).num_components == 3
     assert "wrote" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ Fig. 8
+
+
+def test_pca_keeps_eigenvalues_and_loads_files_without_them(tmp_path: Path):
+    torch.manual_seed(0)
+    z = torch.randn(30, 5, dtype=torch.float64) * torch.tensor(
+        [3.0, 1, 2, 1, 1], dtype=torch.float64
+    )
+    pca = ExpressionPCA.fit(z, num_components=3)
+    # lambda_k is the variance of coefficient k over the fitted set.
+    assert torch.allclose(pca.eigenvalues, pca.project(z).var(0))
+    assert torch.allclose(pca.coefficient_std, pca.project(z).std(0))
+    pca.save(tmp_path / "pca.safetensors")
+    assert torch.equal(
+        ExpressionPCA.load(tmp_path / "pca.safetensors").eigenvalues, pca.eigenvalues
+    )
+    from safetensors.torch import save_file
+
+    older = {
+        name: getattr(pca, name) for name in ("mean", "scale", "components", "explained_variance")
+    }
+    save_file(
+        older,
+        str(tmp_path / "old.safetensors"),
+        {"format": "neuralhead-expression-pca", "version": "1"},
+    )
+    loaded = ExpressionPCA.load(tmp_path / "old.safetensors")
+    assert loaded.eigenvalues is None
+    assert torch.equal(loaded.coefficient_std, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(InputError, match="eigenvalues must be"):
+        ExpressionPCA(**older, eigenvalues=torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64))
+
+
+def source_landmarks() -> torch.Tensor:
+    """The mesh template as a 64x64 face, ``(1, 478, 2)``."""
+    points = torch.from_numpy(load_template().vertices[:, :2]).float() * 20
+    return (points + torch.tensor([32.0, 26.0]))[None]
+
+
+@pytest.fixture(scope="module")
+def effects(model: MegaPortraitsBase) -> dict:
+    torch.manual_seed(1)
+    pca = ExpressionPCA.fit(torch.randn(40, 16) * torch.linspace(0.5, 2, 16), num_components=5)
+    source = torch.rand(1, 3, 64, 64)
+    result = component_effects(
+        model, source, pca, num_components=2, steps=(2, 0, -1), landmarks=source_landmarks()
+    )
+    return {"result": result, "pca": pca, "source": source}
+
+
+def test_component_effects_shapes_and_steps(model: MegaPortraitsBase, effects: dict):
+    result = effects["result"]
+    assert model.training  # restored after the renders in eval mode
+    assert result["steps"] == [-1.0, 0.0, 2.0]
+    assert result["reference_column"] == 1 and result["step_unit"] == "standard deviation"
+    assert result["renders"].shape == (2, 4, 3, 64, 64)
+    assert [c["component"] for c in result["components"]] == [1, 2]
+    renders = result["renders"]
+    # Columns: -1 sd, z_0, 0 sd, +2 sd; the step of 0 renders z_0 again.
+    assert torch.equal(renders[0, 1], renders[1, 1])
+    assert torch.allclose(renders[:, 2], renders[:, 1], atol=1e-5)
+    assert (renders[:, 3] - renders[:, 1]).abs().max() > 1e-3
+    for component in result["components"]:
+        for values in component["per_step"].values():
+            assert len(values) == 3 and values[1] == pytest.approx(0.0, abs=1e-5)
+        assert component["overall"] > 0
+
+
+def test_component_effects_measures_the_regions(effects: dict):
+    result, pca = effects["result"], effects["pca"]
+    renders = result["renders"]
+    masks = landmark_region_masks(source_landmarks(), 64)
+    change = (renders[:, [0, 2, 3]] - renders[:, 1:2]).abs().mean(2, keepdim=True)
+    for k, component in enumerate(result["components"]):
+        mouth = float(((change[k] * masks["mouth"]).sum((1, 2, 3)) / masks["mouth"].sum()).mean())
+        eyes = float(((change[k] * masks["eyes"]).sum((1, 2, 3)) / masks["eyes"].sum()).mean())
+        assert component["mouth"] == pytest.approx(mouth, rel=1e-4)
+        assert component["eyes"] == pytest.approx(eyes, rel=1e-4)
+        assert component["overall"] == pytest.approx(float(change[k].mean()), rel=1e-4)
+        assert 0 <= component["mouth_share"] <= 1
+        assert component["mouth_share"] == pytest.approx(mouth / (mouth + eyes), rel=1e-4)
+        assert component["coefficient_std"] == pytest.approx(float(pca.eigenvalues[k].sqrt()))
+        assert component["explained_variance"] == pytest.approx(float(pca.explained_variance[k]))
+
+
+def test_component_step_moves_one_coefficient_by_its_deviation(
+    model: MegaPortraitsBase, effects: dict
+):
+    pca, source = effects["pca"], effects["source"]
+    with torch.no_grad():
+        model.eval()
+        state = model.encode_source(source)
+        z_0 = state.z_s
+        # Two standard deviations along the second component, in code units.
+        z = z_0 + 2 * pca.eigenvalues[1].sqrt() * pca.scale * pca.components[1]
+        expected = model.render(state, DriverMotion(pose=state.pose, z_d=z))["image"]
+        model.train()
+    moved = pca.project(z) - pca.project(z_0)
+    assert torch.allclose(moved, torch.eye(5)[1] * 2 * pca.eigenvalues[1].sqrt(), atol=1e-4)
+    assert torch.allclose(effects["result"]["renders"][1, 3], expected[0], atol=1e-4)
+
+
+def test_component_effects_without_eigenvalues_steps_one_unit(
+    model: MegaPortraitsBase, effects: dict
+):
+    pca = effects["pca"]
+    plain = ExpressionPCA(pca.mean, pca.scale, pca.components, pca.explained_variance)
+    result = component_effects(
+        model, effects["source"], plain, num_components=1, steps=(1,), landmarks=source_landmarks()
+    )
+    assert result["step_unit"] == "coefficient"
+    assert result["components"][0]["coefficient_std"] == 1.0
+    assert result["renders"].shape == (1, 2, 3, 64, 64) and result["reference_column"] == 0
+
+
+def test_component_figure(effects: dict, tmp_path: Path):
+    path = tmp_path / "figure" / "components.png"
+    write_component_figure(effects["result"], path)
+    image = cv2.imread(str(path))
+    # Two rows of 128-pixel tiles (64-pixel renders enlarged): a label tile and 4 renders.
+    assert image.shape == (2 * 130 + 2, 5 * 130 + 2, 3)
+    with pytest.raises(InputError, match="result of component_effects"):
+        write_component_figure({"components": []}, path)
+
+
+def test_component_effects_errors(model: MegaPortraitsBase, effects: dict):
+    pca, source, landmarks = effects["pca"], effects["source"], source_landmarks()
+
+    def run(**kwargs):
+        arguments = {"landmarks": landmarks, "num_components": 2, **kwargs}
+        return component_effects(
+            model, arguments.pop("source", source), arguments.pop("pca", pca), **arguments
+        )
+
+    with pytest.raises(InputError, match="num_components must be between 1 and 5"):
+        run(num_components=6)
+    with pytest.raises(InputError, match="num_components must be between 1 and 5"):
+        run(num_components=0)
+    with pytest.raises(InputError, match=r"\(1, 3, 64, 64\)"):
+        run(source=torch.rand(1, 3, 32, 32))
+    with pytest.raises(InputError, match="16-dimensional"):
+        run(pca=ExpressionPCA.fit(torch.randn(10, 8)))
+    with pytest.raises(InputError, match="finite numbers"):
+        run(steps=())
+    with pytest.raises(InputError, match="finite numbers"):
+        run(steps=(1.0, float("nan")))
+    with pytest.raises(InputError, match=r"\(1, 478, 2\)"):
+        run(landmarks=landmarks.repeat(2, 1, 1))
+    with pytest.raises(InputError, match="outside"):
+        run(landmarks=landmarks + 500)
+    with pytest.raises(InputError, match="source mask"):
+        run(mask=torch.ones(1, 1, 32, 32))
+
+
+def test_component_effects_needs_a_face(model: MegaPortraitsBase, effects: dict):
+    with pytest.raises(NoFaceError, match="no face"):
+        component_effects(model, torch.zeros(1, 3, 64, 64), effects["pca"], num_components=1)
+
+
+def test_components_command(model: MegaPortraitsBase, dataset: Path, tmp_path: Path, capsys):
+    import skimage.data
+
+    model.save_pretrained(tmp_path / "run" / "emoportraits")
+    portrait = cv2.resize(skimage.data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(tmp_path / "source.png"), portrait[:, :, ::-1])
+    torch.manual_seed(0)
+    ExpressionPCA.fit(torch.randn(30, 16), num_components=4).save(tmp_path / "basis.safetensors")
+    parser = argparse.ArgumentParser()
+    add_components_arguments(parser)
+    common = [str(tmp_path / "run"), str(tmp_path / "source.png")]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--out", str(tmp_path / "none")])  # no basis, no data
+    args = parser.parse_args(
+        [
+            *common,
+            "--basis",
+            str(tmp_path / "basis.safetensors"),
+            "--components",
+            "2",
+            "--steps",
+            "-1",
+            "1",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert run_components(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["v1", "v2"]
+    written = json.loads((tmp_path / "a" / "components.json").read_text())
+    assert written["basis"] == {"file": str(tmp_path / "basis.safetensors")}
+    assert written["steps"] == [-1.0, 1.0] and len(written["components"]) == 2
+    assert (tmp_path / "a" / "components.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    args = parser.parse_args(
+        [
+            *common,
+            "--data",
+            str(dataset),
+            "--max-frames",
+            "4",
+            "--components",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert run_components(args) == 0
+    written = json.loads((tmp_path / "b" / "components.json").read_text())
+    assert written["basis"] == {"datasets": [{"path": str(dataset), "frames": 4}]}

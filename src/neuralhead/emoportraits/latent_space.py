@@ -9,20 +9,26 @@
 * :func:`mouth_basis` builds the mouth set ``Z_m`` of Sec. 5.2 from one video whose upper
   face is held still (:func:`freeze_upper_face`) and fits its PCA; :func:`pca_loss` is the
   mouth PCA loss of Eq. 6 on its first ``n`` components.
-* :func:`analyse` writes the numbers and the plot of Fig. 3 for prepared datasets;
-  :func:`add_analyse_arguments` / :func:`run_analyse` and :func:`add_mouth_basis_arguments` /
-  :func:`run_mouth_basis` are the command-line entry points.
+* :func:`analyse` writes the numbers and the plot of Fig. 3 for prepared datasets.
+* :func:`component_effects` and :func:`write_component_figure` answer Fig. 8's question,
+  which principal components move the mouth, by rendering a source along each and measuring
+  the change in its mouth and eye regions.
+* :func:`add_analyse_arguments` / :func:`run_analyse`, :func:`add_mouth_basis_arguments` /
+  :func:`run_mouth_basis` and :func:`add_components_arguments` / :func:`run_components` are
+  the command-line entry points.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,10 +37,12 @@ from safetensors.torch import safe_open
 
 from neuralhead.data.dataset import PortraitDataset
 from neuralhead.data.format import DatasetFiles
-from neuralhead.errors import InputError
-from neuralhead.fileio import save_safetensors_atomic, write_json_atomic
-from neuralhead.megaportraits.base_model import MegaPortraitsBase
+from neuralhead.emoportraits.losses import landmark_region_masks
+from neuralhead.errors import InputError, NoFaceError
+from neuralhead.fileio import save_safetensors_atomic, write_atomic, write_json_atomic
+from neuralhead.megaportraits.base_model import DriverMotion, MegaPortraitsBase, Pose
 from neuralhead.nn.blocks import check_input
+from neuralhead.tracking.mediapipe_backend import FaceMeshTracker
 from neuralhead.tracking.topology import (
     LEFT_EYE_CORNERS,
     NOSE_TIP,
@@ -42,6 +50,7 @@ from neuralhead.tracking.topology import (
     RIGHT_EYE_CORNERS,
 )
 from neuralhead.training.cli_args import positive_int
+from neuralhead.visualize import grid, label, to_uint8
 
 #: ``format`` entry of the metadata of a saved :class:`ExpressionPCA`.
 PCA_FORMAT = "neuralhead-expression-pca"
@@ -60,6 +69,14 @@ UPPER_FACE_FEATHER = 0.1
 #: Cumulative explained-variance levels :func:`analyse` reports the component counts of (Fig. 3).
 VARIANCE_THRESHOLDS = (0.90, 0.95, 0.99)
 
+#: Steps along a component, in standard deviations of its coefficient, that
+#: :func:`component_effects` renders (our choice: Fig. 8 shows a few steps either side of z_0).
+COMPONENT_STEPS = (-2.0, -1.0, 1.0, 2.0)
+
+#: Smallest side, in pixels, of a tile of the component figure, so that its labels fit (our
+#: choice).
+FIGURE_MIN_TILE = 128
+
 
 # ------------------------------------------------------------------------------------------
 # PCA of the expression codes (Eq. 1)
@@ -76,6 +93,10 @@ class ExpressionPCA:
         components: ``(k, d)`` orthonormal rows, by decreasing explained variance.
         explained_variance: ``(k,)`` explained-variance ratios ``EV_i`` of those components
             (of the total over all ``d``, so they sum to 1 only when ``k = d``).
+        eigenvalues: ``(k,)`` the eigenvalues ``lambda_i`` themselves, i.e. the variance of
+            each coefficient ``PC_z(i)`` over the fitted set, or None. :meth:`fit` sets them;
+            files saved before they were stored load with None, and
+            :attr:`coefficient_std` then falls back to one unit per component.
 
     The coefficients ``PC_z(k)`` of a code are those of its standardised form
     ``(z - mean) / scale`` on the components (:meth:`project`).
@@ -85,6 +106,7 @@ class ExpressionPCA:
     scale: torch.Tensor
     components: torch.Tensor
     explained_variance: torch.Tensor
+    eigenvalues: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         d = self.mean.shape[-1] if self.mean.dim() == 1 else -1
@@ -102,6 +124,15 @@ class ExpressionPCA:
                 f"ExpressionPCA needs 1 to {d} components and one explained variance each, "
                 f"got {k} and {tuple(self.explained_variance.shape)}"
             )
+        if self.eigenvalues is not None and (
+            self.eigenvalues.shape != (k,)
+            or not bool((self.eigenvalues >= 0).all())
+            or not bool(torch.isfinite(self.eigenvalues).all())
+        ):
+            raise InputError(
+                f"ExpressionPCA.eigenvalues must be ({k},), finite and non-negative, "
+                f"got shape {tuple(self.eigenvalues.shape)}"
+            )
 
     @property
     def dim(self) -> int:
@@ -112,6 +143,14 @@ class ExpressionPCA:
     def num_components(self) -> int:
         """Number ``k`` of components kept."""
         return self.components.shape[0]
+
+    @property
+    def coefficient_std(self) -> torch.Tensor:
+        """``(k,)`` standard deviation of each coefficient ``PC_z(i)`` over the fitted set,
+        ``sqrt(lambda_i)``; ones when :attr:`eigenvalues` is unknown (older files)."""
+        if self.eigenvalues is None:
+            return torch.ones_like(self.explained_variance)
+        return self.eigenvalues.sqrt()
 
     @classmethod
     def fit(
@@ -160,6 +199,7 @@ class ExpressionPCA:
             scale=scale.to(dtype),
             components=components.to(dtype),
             explained_variance=(eigenvalues[:num_components] / total).to(dtype),
+            eigenvalues=eigenvalues[:num_components].to(dtype),
         )
 
     def _check_codes(self, z: torch.Tensor, name: str) -> None:
@@ -213,7 +253,11 @@ class ExpressionPCA:
         return z_keep + self._unstandardise(difference)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the PCA as a safetensors file with its format and sizes in the metadata."""
+        """Write the PCA as a safetensors file with its format and sizes in the metadata.
+
+        ``eigenvalues`` is written when known; readers that predate it ignore it, so the
+        format version stays 1.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -222,6 +266,8 @@ class ExpressionPCA:
             "components": self.components,
             "explained_variance": self.explained_variance,
         }
+        if self.eigenvalues is not None:
+            tensors["eigenvalues"] = self.eigenvalues
         metadata = {
             "format": PCA_FORMAT,
             "version": str(PCA_VERSION),
@@ -247,7 +293,8 @@ class ExpressionPCA:
                 missing = [name for name in names if name not in f.keys()]
                 if missing:
                     raise InputError(f"{path} lacks the tensors {', '.join(missing)}")
-                return cls(**{name: f.get_tensor(name) for name in names})
+                optional = [name for name in ("eigenvalues",) if name in f.keys()]
+                return cls(**{name: f.get_tensor(name) for name in (*names, *optional)})
         except SafetensorError as exc:
             raise InputError(f"cannot read the expression PCA file {path}: {exc}") from None
 
@@ -530,6 +577,29 @@ def _components_for(cumulative: torch.Tensor, level: float) -> int:
     return int(reached[0]) + 1 if len(reached) else len(cumulative)
 
 
+def _dataset_codes(
+    model: MegaPortraitsBase,
+    dataset_dirs: Iterable[str | os.PathLike],
+    max_frames_per_dataset: int | None,
+    batch_size: int,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Codes ``(N, d)`` of every chosen frame with a face of every dataset, and per dataset
+    its path and number of frames."""
+    dirs = [Path(d) for d in dataset_dirs]
+    if not dirs:
+        raise InputError("the expression space needs at least one prepared dataset directory")
+    size = int(model.config.image_size)
+    codes, datasets = [], []
+    for root in dirs:
+        dataset, frames = _valid_frames(root, size, max_frames_per_dataset)
+        for _, images in _image_batches(dataset, frames, batch_size):
+            codes.append(expression_codes(model, images, batch_size))
+        datasets.append({"path": str(root), "frames": len(frames)})
+    if sum(d["frames"] for d in datasets) < 2:
+        raise InputError("the expression space needs at least 2 frames with a face")
+    return torch.cat(codes), datasets
+
+
 def analyse(
     model: MegaPortraitsBase,
     dataset_dirs: Iterable[str | os.PathLike],
@@ -547,19 +617,7 @@ def analyse(
     (the cumulative curve and the leading ratios as bars) and ``expression_codes.safetensors``
     (the codes, for comparing models later).
     """
-    dirs = [Path(d) for d in dataset_dirs]
-    if not dirs:
-        raise InputError("analyse needs at least one prepared dataset directory")
-    size = int(model.config.image_size)
-    codes, datasets = [], []
-    for root in dirs:
-        dataset, frames = _valid_frames(root, size, max_frames_per_dataset)
-        for _, images in _image_batches(dataset, frames, batch_size):
-            codes.append(expression_codes(model, images, batch_size))
-        datasets.append({"path": str(root), "frames": len(frames)})
-    z = torch.cat(codes)
-    if len(z) < 2:
-        raise InputError("the expression space needs at least 2 frames with a face")
+    z, datasets = _dataset_codes(model, dataset_dirs, max_frames_per_dataset, batch_size)
     ratios = explained_variance(z).double()
     cumulative = ratios.cumsum(0)
     result = {
@@ -621,6 +679,255 @@ def _plot(result: dict, path: Path, *, bars: int = 32) -> None:
     )
     figure.tight_layout()
     figure.savefig(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Which components move the mouth (Sec. 5.2, Fig. 8)
+
+
+def _check_steps(steps: Iterable[float]) -> list[float]:
+    try:
+        values = sorted(float(step) for step in steps)
+    except (TypeError, ValueError):
+        raise InputError(f"steps must be numbers, got {steps!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise InputError(f"steps must be one or more finite numbers, got {steps!r}")
+    return values
+
+
+def _source_regions(
+    source: torch.Tensor, landmarks: torch.Tensor | None, size: int
+) -> dict[str, torch.Tensor]:
+    """Eye and mouth masks ``(1, 1, S, S)`` of the source from its ``landmarks``, tracked with
+    the static face mesh when not given."""
+    if landmarks is None:
+        with FaceMeshTracker(static=True) as tracker:
+            points = tracker.process(to_uint8(source[0], (0.0, 1.0)))
+        if points is None:
+            raise NoFaceError(
+                "no face found in the source image: give its landmarks or a source with a face"
+            )
+        landmarks = torch.from_numpy(points[:, :2])[None]
+    elif not torch.is_tensor(landmarks) or landmarks.dim() != 3 or landmarks.shape[0] != 1:
+        shape = tuple(landmarks.shape) if torch.is_tensor(landmarks) else type(landmarks).__name__
+        raise InputError(
+            f"landmarks must be (1, {NUM_LANDMARKS}, 2) pixels of the source, got {shape}"
+        )
+    masks = landmark_region_masks(landmarks, size)
+    regions = {}
+    for name in ("mouth", "eyes"):
+        if not bool(masks[name].any()):
+            raise InputError(f"the {name} of the landmarks lie outside the {size}x{size} source")
+        regions[name] = masks[name].cpu()
+    return regions
+
+
+def _pose_batch(pose: Pose, batch: int) -> Pose:
+    return {key: value.expand(batch, *value.shape[1:]) for key, value in pose.items()}
+
+
+def component_effects(
+    model: MegaPortraitsBase,
+    source: torch.Tensor,
+    pca: ExpressionPCA,
+    *,
+    num_components: int = 8,
+    steps: Sequence[float] = COMPONENT_STEPS,
+    landmarks: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> dict:
+    """How much each leading principal component moves the mouth and the eyes (Sec. 5.2).
+
+    Fig. 8 renders the source with its own code ``z_0`` moved along a principal component
+    ``v_1`` and shows that a PCA of general codes moves blinks and gaze along with the mouth,
+    while the mouth basis ``Z_m`` isolates the mouth. This measures it: the source is encoded
+    once; for each of the first ``num_components`` components ``k`` and each step ``s`` it is
+    rendered with its own pose and ``z_0`` moved so that its coefficient ``PC_z(k)`` grows by
+    ``s`` times that coefficient's standard deviation ``sqrt(lambda_k)``
+    (:attr:`ExpressionPCA.coefficient_std`; one coefficient unit for a PCA without
+    eigenvalues), all other coefficients kept. Against the render at ``z_0``, the mean absolute
+    pixel change (images in [0, 1], mean over channels) is taken inside the mouth and the eye
+    masks of :func:`~neuralhead.emoportraits.losses.landmark_region_masks` and over the whole
+    image, then averaged over the steps. ``mouth_share = mouth / (mouth + eyes)`` (0.5 when
+    neither moves) is our summary of Fig. 8's visual judgement.
+
+    Args:
+        model: the EMOPortraits (or MegaPortraits) base model; run in eval mode without
+            gradients, its training mode restored afterwards.
+        source: ``(1, 3, S, S)`` in [0, 1], ``S = model.config.image_size``.
+        pca: the basis whose components are tried (:func:`mouth_basis` or a PCA of general
+            codes), of the model's code length.
+        num_components: how many leading components to try.
+        steps: the steps in standard deviations (sorted; 0 gives the ``z_0`` render again).
+        landmarks: ``(1, 478, 2)`` face-mesh points of the source in pixels; tracked with
+            MediaPipe's static face mesh when None (:class:`~neuralhead.errors.NoFaceError`
+            without a face).
+        mask: ``(1, 1, S, S)`` foreground of the source for E_app, as reenactment gives it
+            (:meth:`MegaPortraitsBase.encode_source`).
+
+    Returns:
+        ``steps`` (sorted), ``step_unit`` ("standard deviation" or "coefficient"),
+        ``reference_column`` (the column of the ``z_0`` render: the number of negative
+        steps), ``components``: one dict per component with ``component`` (1-based, as the
+        paper's ``v_1``), ``explained_variance``, ``coefficient_std``, ``mouth``, ``eyes``,
+        ``overall``, ``mouth_share`` and the per-step changes ``per_step`` (``mouth``,
+        ``eyes``, ``overall`` lists in the order of ``steps``); and ``renders``, a CPU tensor
+        ``(K, len(steps) + 1, 3, S, S)``: per component the renders by step with the ``z_0``
+        render at ``reference_column``.
+    """
+    size = int(model.config.image_size)
+    if not torch.is_tensor(source) or tuple(source.shape) != (1, 3, size, size):
+        shape = tuple(source.shape) if torch.is_tensor(source) else type(source).__name__
+        raise InputError(
+            f"the source must be (1, 3, {size}, {size}) in [0, 1] (config.image_size), got {shape}"
+        )
+    if pca.dim != model.config.expression_dim:
+        raise InputError(
+            f"the PCA is of {pca.dim}-dimensional codes, the model's are "
+            f"{model.config.expression_dim}-dimensional"
+        )
+    if (
+        isinstance(num_components, bool)
+        or not isinstance(num_components, int)
+        or not 1 <= num_components <= pca.num_components
+    ):
+        raise InputError(
+            f"num_components must be between 1 and {pca.num_components} (the PCA's "
+            f"components), got {num_components!r}"
+        )
+    steps = _check_steps(steps)
+    if mask is not None and (not torch.is_tensor(mask) or tuple(mask.shape) != (1, 1, size, size)):
+        shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise InputError(f"the source mask must be (1, 1, {size}, {size}), got {shape}")
+    regions = _source_regions(source, landmarks, size)
+
+    parameter = next(model.parameters())
+    std = pca.coefficient_std[:num_components].double()
+    # Coefficient offsets (K, steps, K): step s of component k moves PC_z(k) alone.
+    offsets = torch.zeros(num_components, len(steps), num_components, dtype=torch.float64)
+    offsets[torch.arange(num_components), :, torch.arange(num_components)] = std[
+        :, None
+    ] * torch.tensor(steps, dtype=torch.float64)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            state = model.encode_source(
+                source.to(parameter.device, parameter.dtype),
+                None if mask is None else mask.to(parameter.device, parameter.dtype),
+            )
+            z_0 = state.z_s
+            moves = pca._unstandardise(offsets.to(z_0))
+            reference = model.render(state, DriverMotion(pose=state.pose, z_d=z_0))["image"]
+            renders = torch.stack(
+                [
+                    model.render(
+                        state,
+                        DriverMotion(pose=_pose_batch(state.pose, len(steps)), z_d=z_0 + move),
+                    )["image"].cpu()
+                    for move in moves
+                ]
+            ).float()
+    finally:
+        model.train(training)
+    reference = reference.cpu().float()
+
+    change = (renders - reference).abs().mean(2, keepdim=True)  # (K, steps, 1, S, S)
+    measured = {"overall": change.mean((2, 3, 4))}
+    for name, region in regions.items():
+        measured[name] = (change * region).sum((2, 3, 4)) / region.sum()
+    components = []
+    for k in range(num_components):
+        per_step = {name: measured[name][k].tolist() for name in ("mouth", "eyes", "overall")}
+        mouth, eyes, overall = (float(measured[n][k].mean()) for n in ("mouth", "eyes", "overall"))
+        components.append(
+            {
+                "component": k + 1,
+                "explained_variance": float(pca.explained_variance[k]),
+                "coefficient_std": float(std[k]),
+                "mouth": mouth,
+                "eyes": eyes,
+                "overall": overall,
+                "mouth_share": mouth / (mouth + eyes) if mouth + eyes > 0 else 0.5,
+                "per_step": per_step,
+            }
+        )
+    column = sum(step < 0 for step in steps)
+    grid_renders = torch.cat(
+        [
+            renders[:, :column],
+            reference[None].expand(num_components, 1, -1, -1, -1),
+            renders[:, column:],
+        ],
+        1,
+    )
+    return {
+        "steps": steps,
+        "step_unit": "coefficient" if pca.eigenvalues is None else "standard deviation",
+        "reference_column": column,
+        "components": components,
+        "renders": grid_renders,
+    }
+
+
+def _text_tile(lines: Sequence[str], size: int) -> np.ndarray:
+    """A black ``size`` x ``size`` tile with white ``lines`` of text, one under the other."""
+    tile = np.zeros((size, size, 3), np.uint8)
+    scale = max(size / 512.0, 0.35)
+    step = int(30 * scale) + 6
+    for i, text in enumerate(lines):
+        origin = (4, step * (i + 1))
+        cv2.putText(
+            tile, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA
+        )
+    return tile
+
+
+def write_component_figure(effects: dict, path: str | os.PathLike) -> None:
+    """Fig. 8-style PNG of :func:`component_effects`' result.
+
+    One row per component: a tile naming it (``v1`` ...) with its mouth share, then its
+    renders from the most negative step to the most positive, ``z0`` among them. Tiles smaller
+    than :data:`FIGURE_MIN_TILE` pixels are enlarged (nearest neighbour) so that their labels
+    fit.
+    """
+    renders = effects.get("renders")
+    components = effects.get("components")
+    steps = effects.get("steps")
+    if (
+        not torch.is_tensor(renders)
+        or renders.dim() != 5
+        or renders.shape[2] != 3
+        or not components
+        or len(components) != renders.shape[0]
+        or steps is None
+        or len(steps) + 1 != renders.shape[1]
+    ):
+        raise InputError("write_component_figure needs the result of component_effects")
+    size = renders.shape[-1]
+    tile = max(size, FIGURE_MIN_TILE)
+    unit = " sd" if effects.get("step_unit") == "standard deviation" else ""
+    titles = [f"{step:+g}{unit}" for step in steps]
+    titles.insert(effects["reference_column"], "z0")
+    rows = []
+    for component, images in zip(components, renders):
+        row = [
+            _text_tile(
+                [f"v{component['component']}", f"mouth share {component['mouth_share']:.2f}"], tile
+            )
+        ]
+        for title, image in zip(titles, images):
+            pixels = to_uint8(image, (0.0, 1.0))
+            if size < tile:
+                pixels = cv2.resize(pixels, (tile, tile), interpolation=cv2.INTER_NEAREST)
+            row.append(label(pixels, title))
+        rows.append(row)
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(grid(rows)[:, :, ::-1]))
+    if not ok:
+        raise InputError(f"could not encode the component figure for {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
 
 
 # ------------------------------------------------------------------------------------------
@@ -734,4 +1041,105 @@ def run_mouth_basis(args: argparse.Namespace) -> int:
         f"explained variance of the first ones (%): {leading}"
     )
     print(f"wrote {args.out}")
+    return 0
+
+
+def add_components_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``components``: CHECKPOINT SOURCE_IMAGE (--basis FILE | --data DIR...)
+    --out DIR [--components N] [--steps S...] [--max-frames N]."""
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="EMOPortraits (or MegaPortraits) run directory or saved model",
+    )
+    parser.add_argument(
+        "source_image",
+        type=Path,
+        metavar="SOURCE_IMAGE",
+        help="image with a face; cropped as reenactment crops its source",
+    )
+    basis = parser.add_mutually_exclusive_group(required=True)
+    basis.add_argument(
+        "--basis",
+        type=Path,
+        metavar="FILE",
+        help="saved expression PCA (.safetensors, e.g. from mouth-basis)",
+    )
+    basis.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="prepared datasets whose codes are fitted with a PCA, as analyse encodes them",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="writes components.json and components.png",
+    )
+    parser.add_argument(
+        "--components",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="leading components to try (default 8)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=float,
+        nargs="+",
+        default=list(COMPONENT_STEPS),
+        metavar="S",
+        help="steps in standard deviations of each component (default -2 -1 1 2)",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --data: at most N evenly spaced frames per dataset (default all)",
+    )
+    _add_common(parser)
+
+
+def run_components(args: argparse.Namespace) -> int:
+    from neuralhead.emoportraits.checkpoints import load_main_model
+    from neuralhead.megaportraits.reenact import MegaPortraitsReenactor
+
+    model = load_main_model(args.checkpoint).to(args.device)
+    if args.basis is not None:
+        pca = ExpressionPCA.load(args.basis)
+        basis = {"file": str(args.basis)}
+    else:
+        z, datasets = _dataset_codes(model, args.data, args.max_frames, args.batch_size)
+        pca = ExpressionPCA.fit(z)
+        basis = {"datasets": datasets}
+    source = MegaPortraitsReenactor(model, device=args.device).prepare_source(args.source_image)
+    effects = component_effects(
+        model,
+        source.image,
+        pca,
+        num_components=args.components,
+        steps=args.steps,
+        mask=source.mask,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {key: value for key, value in effects.items() if key != "renders"}
+    write_json_atomic(
+        out / "components.json",
+        {"checkpoint": str(args.checkpoint), "source": str(args.source_image), "basis": basis}
+        | summary,
+    )
+    write_component_figure(effects, out / "components.png")
+    for component in effects["components"]:
+        print(
+            f"v{component['component']}: mouth share {component['mouth_share']:.3f} "
+            f"(mean change: mouth {component['mouth']:.4f}, eyes {component['eyes']:.4f}, "
+            f"overall {component['overall']:.4f})"
+        )
+    print(f"wrote {out / 'components.json'} and {out / 'components.png'}")
     return 0

@@ -19,6 +19,14 @@ from pathlib import Path
 from neuralhead.errors import InputError
 from neuralhead.training.engine import EngineOptions
 
+#: Interval options of every train command: flag -> EngineOptions field.
+INTERVALS = {
+    "--log-every": "log_every",
+    "--preview-every": "preview_every",
+    "--eval-every": "eval_every",
+    "--checkpoint-every": "checkpoint_every",
+}
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -88,10 +96,13 @@ def add_run_arguments(p: argparse.ArgumentParser, *, overrides: bool = True) -> 
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=positive_int, default=50)
-    p.add_argument("--preview-every", type=positive_int, default=500)
-    p.add_argument("--eval-every", type=positive_int, default=1000)
-    p.add_argument("--checkpoint-every", type=positive_int, default=1000)
+    for flag, name in INTERVALS.items():
+        p.add_argument(
+            flag,
+            type=positive_int,
+            default=None,
+            help=f"default {getattr(EngineOptions, name)}, or the resumed run's",
+        )
     p.add_argument(
         "--nproc-per-node",
         type=positive_int,
@@ -101,20 +112,31 @@ def add_run_arguments(p: argparse.ArgumentParser, *, overrides: bool = True) -> 
     p.add_argument("--no-progress", action="store_true")
 
 
+def _saved_engine(args: argparse.Namespace) -> dict:
+    """The engine options recorded by the run being resumed (empty for a new run)."""
+    resume = getattr(args, "resume", None)
+    if resume is None or not (resume / "config.json").is_file():
+        return {}
+    return json.loads((resume / "config.json").read_text()).get("engine", {})
+
+
 def engine_options(args: argparse.Namespace, default_max_steps: int) -> EngineOptions:
-    """The engine options of a parsed command; a resumed run keeps its step limit."""
-    max_steps = args.max_steps
-    if max_steps is None:
-        if args.resume is not None and (args.resume / "config.json").is_file():
-            max_steps = json.loads((args.resume / "config.json").read_text())["engine"]["max_steps"]
-        else:
-            max_steps = default_max_steps
+    """The engine options of a parsed command.
+
+    A resumed run keeps its step limit and its logging, preview, evaluation and checkpoint
+    intervals unless the command gives new ones; a new run takes the defaults.
+    """
+    saved = _saved_engine(args)
+    max_steps = args.max_steps or saved.get("max_steps", default_max_steps)
+    intervals = {}
+    for name in INTERVALS.values():
+        given = getattr(args, name, None)
+        intervals[name] = (
+            given if given is not None else saved.get(name, getattr(EngineOptions, name))
+        )
     return EngineOptions(
         max_steps=max_steps,
-        log_every=args.log_every,
-        preview_every=args.preview_every,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
+        **intervals,
         time_budget_minutes=args.time_budget,
         precision=args.precision,
         seed=args.seed,
