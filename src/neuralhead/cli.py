@@ -345,7 +345,8 @@ def _add_expressions(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "expressions",
-        help="EMOPortraits: analyse a model's latent expression space (PCA, AUC_z, mouth basis)",
+        help="EMOPortraits: analyse a model's latent expression space (PCA, AUC_z, mouth basis, "
+        "which components move the mouth)",
     )
     tools = p.add_subparsers(dest="tool", metavar="TOOL", required=True)
     a = tools.add_parser(
@@ -360,6 +361,12 @@ def _add_expressions(sub: argparse._SubParsersAction) -> None:
     )
     latent_space.add_mouth_basis_arguments(m)
     m.set_defaults(func=latent_space.run_mouth_basis)
+    c = tools.add_parser(
+        "components",
+        help="which principal components move the mouth: renders along each and the mouth / eye change (Sec. 5.2, Fig. 8)",
+    )
+    latent_space.add_components_arguments(c)
+    c.set_defaults(func=latent_space.run_components)
 
 
 def _add_train_megaportraits_hr(models: argparse._SubParsersAction) -> None:
@@ -484,7 +491,9 @@ def _add_reenact(sub: argparse._SubParsersAction) -> None:
         description="Render a video of the portrait at --checkpoint driven by --driving: a video "
         "(another person: relative motion), a prepared dataset (the portrait's own: absolute), "
         "a .npz of parameters, or an audio file (audio-driven portraits). With a HeadGAN or "
-        "MegaPortraits checkpoint (one-shot), animate the --source image with the --driving video.",
+        "MegaPortraits checkpoint (one-shot), animate the --source image with the --driving video. "
+        "With an EMOPortraits checkpoint, drive the --source image by a --driving video, by --audio "
+        "speech (with --speech-model, and --rotation-model for head motion), or by both.",
     )
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="training run directory or saved portrait / HeadGAN generator / MegaPortraits model")
