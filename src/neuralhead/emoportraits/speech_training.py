@@ -877,8 +877,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="steps over which the learning rate decays to 0 (default: --max-steps)")
     p.add_argument("--vggface-weights", default=None, metavar="PATH",
                    help="VGGFace weights (default: the weight cache)")
-    p.add_argument("--face-parser-weights", default=None, metavar="PATH",
-                   help="face-parser weights (default: the weight cache)")
+    p.add_argument("--parser-weights", dest="face_parser_weights", default=None, metavar="PATH",
+                   help="face-parser file or its directory (default: the weight cache; without it the "
+                   "lip-mask BCE is off and the lips L1 takes its mask from the landmarks)")
     p.add_argument("--cache-limit-gb", type=float, default=4.0,
                    help="frames and masks are kept in memory up to this size (default 4)")
     # fmt: on
