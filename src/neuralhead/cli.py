@@ -151,6 +151,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--no-progress", action="store_true")
     h.set_defaults(func=_run_train_headgan)
 
+    from neuralhead.megaportraits import trainer as mp_trainer
+
     m = models.add_parser(
         "megaportraits",
         help="the MegaPortraits base model (one-shot, latent motion) on prepared videos",
@@ -160,46 +162,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "head-pose network pre-trained with `neuralhead train megaportraits-pose`. Runs on one "
         "CPU, one GPU or, under torchrun (or with --nproc-per-node), on many GPUs and nodes.",
     )
-    m.add_argument("data_dirs", type=Path, nargs="*", metavar="DATA_DIR",
-                   help="prepared datasets, at least two (not needed with --resume)")
-    m.add_argument("--preset", default="megaportraits-256",
-                   help="megaportraits-tiny (CPU, 64px), megaportraits-256 or megaportraits-512")
-    m.add_argument("--pose-network", default=None, metavar="PATH",
-                   help="pre-trained head-pose file (required; kept frozen, read again on --resume)")
-    m.add_argument("--run-dir", type=Path, default=None, help="default: runs/megaportraits-<dataset>-<time>")
-    m.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its latest checkpoint")
-    m.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="default: the preset's iterations (kept when resuming)")
-    m.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="stop with a checkpoint after this many minutes")
-    m.add_argument("--batch-size", type=_positive_int, default=None, help="samples per step and process (default: the preset's)")
-    m.add_argument("--lr", type=float, default=None, help="AdamW learning rate of G and D (default 2e-4)")
-    m.add_argument("--vgg-weights", default=None, metavar="PATH",
-                   help="VGG19 weight file or its directory (default: the weight cache; without it L_IN is off)")
-    m.add_argument("--vggface-weights", default=None, metavar="PATH",
-                   help="VGGFace weight file or its directory (default: the weight cache; without it L_face is off)")
-    m.add_argument("--gaze-weights", default=None, metavar="PATH",
-                   help="gaze network file or its directory (default: the weight cache; without it L_gaze is off)")
-    m.add_argument("--l1-weight", type=float, default=0.0,
-                   help="weight of a foreground L1 term the paper does not use (default 0: off)")
-    m.add_argument("--no-augment", action="store_true", help="switch off the augmentations of B.1")
-    m.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[],
-                   metavar="FIELD=VALUE", help="override a model config field, e.g. --set weight_fm=10")
-    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16/fp16 on GPU, fp32 on CPU")
-    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--log-every", type=_positive_int, default=None, help="default 50, or the resumed run's")
-    m.add_argument("--preview-every", type=_positive_int, default=None, help="default 500, or the resumed run's")
-    m.add_argument("--eval-every", type=_positive_int, default=None, help="default 1000, or the resumed run's")
-    m.add_argument("--checkpoint-every", type=_positive_int, default=None, help="default 1000, or the resumed run's")
-    m.add_argument("--eval-samples", type=_positive_int, default=8,
-                   help="held-out drivers per video per evaluation (default 8)")
-    m.add_argument("--nproc-per-node", type=_positive_int, default=None,
-                   help="launch this many processes on this machine (torchrun)")
-    m.add_argument("--no-progress", action="store_true")
-    m.set_defaults(func=_run_train_megaportraits)
+    mp_trainer.add_arguments(m)
+    m.set_defaults(func=mp_trainer.run)
 
     _add_train_megaportraits_hr(models)
     _add_train_emoportraits(models)
@@ -271,35 +235,6 @@ def _run_train_headgan(args: argparse.Namespace) -> int:
         model_overrides=dict(args.overrides),
     )
     run = train_headgan(args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"run directory: {run}")
-    return 0
-
-
-def _run_train_megaportraits(args: argparse.Namespace) -> int:
-    from neuralhead.megaportraits.config import preset
-    from neuralhead.megaportraits.trainer import MegaPortraitsTrainOptions, train_megaportraits
-
-    if args.resume is None and not args.data_dirs:
-        raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
-    run_dir = _train_run_dir(args, "megaportraits", args.data_dirs[0] if args.data_dirs else args.resume)
-    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc_per_node, run_dir)
-    engine_options = _engine_options(args, preset(args.preset).num_iterations)
-    options = MegaPortraitsTrainOptions(
-        preset=args.preset,
-        pose_network=args.pose_network,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        vgg_weights=args.vgg_weights,
-        vggface_weights=args.vggface_weights,
-        gaze_weights=args.gaze_weights,
-        l1_weight=args.l1_weight,
-        augment=not args.no_augment,
-        eval_samples=args.eval_samples,
-        model_overrides=dict(args.overrides),
-    )
-    run = train_megaportraits(args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"run directory: {run}")
     return 0

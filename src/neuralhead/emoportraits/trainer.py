@@ -54,7 +54,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from neuralhead.emoportraits.checkpoints import MAIN_SUBDIR
 from neuralhead.emoportraits.config import (
@@ -73,11 +72,13 @@ from neuralhead.emoportraits.losses import (
 from neuralhead.errors import InputError, WeightsMissingError
 from neuralhead.megaportraits.base_model import DriverMotion, SourceState
 from neuralhead.megaportraits.config import MegaPortraitsConfig
-from neuralhead.megaportraits.losses import pyramid_levels
 from neuralhead.megaportraits.trainer import (
     GeneratorStep,
     MegaPortraitsTask,
     MegaPortraitsTrainOptions,
+    add_base_model_arguments,
+    base_model_options,
+    run_base_model_command,
     train_task,
 )
 from neuralhead.pretrained.face_parser import FaceParser
@@ -202,6 +203,7 @@ class EMOPortraitsTask(MegaPortraitsTask):
     options_class = EMOPortraitsTrainOptions
     pairs_class = EMOPortraitsPairs
     step_class = EMOGeneratorStep
+    loss_class = EMOPortraitsLoss
     export_dir = MAIN_SUBDIR
     # x_s^m gets a draw of its own: flipped, it still gives a head pose to impose.
     augmented_groups = (*MegaPortraitsTask.augmented_groups, ("moved_source",))
@@ -230,16 +232,6 @@ class EMOPortraitsTask(MegaPortraitsTask):
 
     def _heldout_set(self, data_dirs: list[Path]) -> EMOPortraitsPairs | None:
         return super()._heldout_set([*data_dirs, *map(Path, self.options.secondary_data)])
-
-    def _build_loss(self, networks: dict[str, nn.Module | None]) -> EMOPortraitsLoss:
-        return EMOPortraitsLoss(
-            self.config,
-            vgg19=networks["vgg19"],
-            vggface=networks["vggface"],
-            gaze=networks["gaze"],
-            vgg19_pyramid=pyramid_levels(self.config.image_size, self.options.vgg_pyramid),
-            l1_weight=self.options.l1_weight,
-        )
 
     def _build_sampler(self) -> MixedStepSampler:
         engine = self.engine
@@ -411,24 +403,12 @@ def train_emoportraits(
 
 # ---------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``neuralhead train emoportraits``."""
-    p.add_argument(
-        "data_dirs",
-        type=Path,
-        nargs="*",
-        metavar="DATA_DIR",
-        help="the main prepared videos, at least two (not needed with --resume)",
-    )
-    p.add_argument(
-        "--preset",
-        default="emoportraits-256",
-        help="emoportraits-tiny (CPU, 64px), emoportraits-256 or emoportraits-512",
-    )
-    p.add_argument(
-        "--pose-network",
-        default=None,
-        metavar="PATH",
-        help="pre-trained head-pose file (required; kept frozen, read again on --resume)",
+    """Options of ``neuralhead train emoportraits``: MegaPortraits' and the second set, the
+    region masks and AUC_z."""
+    add_base_model_arguments(
+        p,
+        preset_default="emoportraits-256",
+        presets="emoportraits-tiny (CPU, 64px), emoportraits-256 or emoportraits-512",
     )
     p.add_argument(
         "--secondary-data",
@@ -455,88 +435,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="face parser file or its directory (default: the weight cache)",
     )
     p.add_argument(
-        "--lr", type=float, default=None, help="AdamW learning rate of G and D (default 2e-4)"
-    )
-    p.add_argument(
-        "--vgg-weights",
-        default=None,
-        metavar="PATH",
-        help="VGG19 weight file or its directory (default: the weight cache; without it L_IN is off)",
-    )
-    p.add_argument(
-        "--vggface-weights",
-        default=None,
-        metavar="PATH",
-        help="VGGFace weight file or its directory (default: the weight cache; without it L_face is off)",
-    )
-    p.add_argument(
-        "--gaze-weights",
-        default=None,
-        metavar="PATH",
-        help="gaze network file or its directory (default: the weight cache; without it L_gaze is off)",
-    )
-    p.add_argument(
-        "--l1-weight",
-        type=float,
-        default=0.0,
-        help="weight of a foreground L1 term the paper does not use (default 0: off)",
-    )
-    p.add_argument(
-        "--no-augment", action="store_true", help="switch off MegaPortraits' augmentations (B.1)"
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=cli_args.positive_int,
-        default=8,
-        help="held-out drivers per video per evaluation (default 8)",
-    )
-    p.add_argument(
         "--auc-frames",
         type=cli_args.positive_int,
         default=512,
         help="held-out frames whose expression codes give AUC_z at each evaluation (default 512)",
-    )
-    p.add_argument(
-        "--cache-limit-gb",
-        type=float,
-        default=4.0,
-        help="keep frames in memory up to this size (default 4)",
     )
     cli_args.add_run_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``neuralhead train emoportraits`` (see :func:`add_arguments`)."""
-    if args.resume is None and not args.data_dirs:
-        raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
-    run_dir = cli_args.train_run_dir(
-        args, "emoportraits", args.data_dirs[0] if args.data_dirs else args.resume
-    )
-    if cli_args.should_relaunch(args):
-        return cli_args.relaunch_with_torchrun(args.nproc_per_node, run_dir)
-    overrides = dict(args.overrides)
-    engine_options = cli_args.engine_options(args, preset(args.preset, **overrides).num_iterations)
     options = EMOPortraitsTrainOptions(
-        preset=args.preset,
-        pose_network=args.pose_network,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        vgg_weights=args.vgg_weights,
-        vggface_weights=args.vggface_weights,
-        gaze_weights=args.gaze_weights,
-        l1_weight=args.l1_weight,
-        augment=not args.no_augment,
-        cache_limit_gb=args.cache_limit_gb,
-        eval_samples=args.eval_samples,
-        model_overrides=overrides,
+        **base_model_options(args),
         secondary_data=[str(d) for d in args.secondary_data],
         region_masks=args.region_masks,
         parser_weights=args.parser_weights,
         auc_frames=args.auc_frames,
     )
-    run_dir = train_emoportraits(
-        args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None
-    )
-    if cli_args.is_main_process():
-        print(f"run directory: {run_dir}")
-    return 0
+    return run_base_model_command(args, EMOPortraitsTask, options, train_emoportraits)

@@ -36,6 +36,7 @@ checkpoints/); at the end ``megaportraits/`` receives the base model (``config.j
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ from neuralhead.nn.pretrained import config_from_dict, config_to_dict
 from neuralhead.pretrained.gaze import GazeBlinkNet
 from neuralhead.pretrained.vgg import VGG19
 from neuralhead.pretrained.vggface import VGGFace
+from neuralhead.training import cli_args
 from neuralhead.training.engine import Engine, EngineOptions
 from neuralhead.training.sampler import StepSampler
 from neuralhead.visualize import grid, label, to_uint8
@@ -279,6 +281,7 @@ class MegaPortraitsTask:
     options_class: type = MegaPortraitsTrainOptions
     pairs_class: type[MegaPortraitsPairs] = MegaPortraitsPairs
     step_class: type[GeneratorStep] = GeneratorStep
+    loss_class: type[MegaPortraitsLoss] = MegaPortraitsLoss
     #: Sub-directory of the run that :meth:`finish` saves the model to.
     export_dir = EXPORT_DIR
     #: Frames augmented with one draw of B.1's jitter and flip (each pair shares one).
@@ -362,7 +365,7 @@ class MegaPortraitsTask:
 
     def _build_loss(self, networks: dict[str, nn.Module | None]) -> MegaPortraitsLoss:
         """The objective, given the perceptual networks found (:func:`load_loss_networks`)."""
-        return MegaPortraitsLoss(
+        return self.loss_class(
             self.config,
             vgg19=networks["vgg19"],
             vggface=networks["vggface"],
@@ -692,3 +695,116 @@ def train_task(
         task = None  # Engine.close frees its DDP wrappers while the process group lives
         engine.close()
     return run_dir
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def add_base_model_arguments(
+    p: argparse.ArgumentParser, *, preset_default: str, presets: str
+) -> None:
+    """Options the base-model commands share (``train megaportraits``, ``train emoportraits``):
+    the videos, preset, head-pose file, learning rate, perceptual networks and evaluation."""
+    p.add_argument(
+        "data_dirs",
+        type=Path,
+        nargs="*",
+        metavar="DATA_DIR",
+        help="prepared videos, at least two (not needed with --resume)",
+    )
+    p.add_argument("--preset", default=preset_default, help=presets)
+    p.add_argument(
+        "--pose-network",
+        default=None,
+        metavar="PATH",
+        help="pre-trained head-pose file (required; kept frozen, read again on --resume)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="AdamW learning rate of G and D (default 2e-4)"
+    )
+    for flag, network, term in (
+        ("--vgg-weights", "VGG19 weight file", "L_IN"),
+        ("--vggface-weights", "VGGFace weight file", "L_face"),
+        ("--gaze-weights", "gaze network file", "L_gaze"),
+    ):
+        p.add_argument(
+            flag,
+            default=None,
+            metavar="PATH",
+            help=f"{network} or its directory (default: the weight cache; without it {term} is off)",
+        )
+    p.add_argument(
+        "--l1-weight",
+        type=float,
+        default=0.0,
+        help="weight of a foreground L1 term the paper does not use (default 0: off)",
+    )
+    p.add_argument("--no-augment", action="store_true", help="switch off the augmentations of B.1")
+    p.add_argument(
+        "--eval-samples",
+        type=cli_args.positive_int,
+        default=8,
+        help="held-out drivers per video per evaluation (default 8)",
+    )
+    p.add_argument(
+        "--cache-limit-gb",
+        type=float,
+        default=4.0,
+        help="keep frames in memory up to this size (default 4)",
+    )
+
+
+def base_model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`MegaPortraitsTrainOptions` fields of the options of :func:`add_base_model_arguments`."""
+    return dict(
+        preset=args.preset,
+        pose_network=args.pose_network,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        vgg_weights=args.vgg_weights,
+        vggface_weights=args.vggface_weights,
+        gaze_weights=args.gaze_weights,
+        l1_weight=args.l1_weight,
+        augment=not args.no_augment,
+        cache_limit_gb=args.cache_limit_gb,
+        eval_samples=args.eval_samples,
+        model_overrides=dict(args.overrides),
+    )
+
+
+def run_base_model_command(
+    args: argparse.Namespace,
+    task_class: type[MegaPortraitsTask],
+    options: MegaPortraitsTrainOptions,
+    train: Any,
+) -> int:
+    """Relaunch under torchrun when asked, else run ``train(data_dirs, run_dir, options,
+    engine_options, resume)`` (:func:`train_megaportraits` or its like for ``task_class``)."""
+    if args.resume is None and not args.data_dirs:
+        raise InputError("give prepared DATA_DIRs to train on, or --resume RUN_DIR")
+    data = args.data_dirs[0] if args.data_dirs else args.resume
+    run_dir = cli_args.train_run_dir(args, task_class.model_name, data)
+    if cli_args.should_relaunch(args):
+        return cli_args.relaunch_with_torchrun(args.nproc_per_node, run_dir)
+    config = task_class.build_config(options)
+    engine_options = cli_args.engine_options(args, config.num_iterations)
+    run = train(args.data_dirs, run_dir, options, engine_options, resume=args.resume is not None)
+    if cli_args.is_main_process():
+        print(f"run directory: {run}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``neuralhead train megaportraits``."""
+    add_base_model_arguments(
+        p,
+        preset_default="megaportraits-256",
+        presets="megaportraits-tiny (CPU, 64px), megaportraits-256 or megaportraits-512",
+    )
+    cli_args.add_run_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``neuralhead train megaportraits`` (see :func:`add_arguments`)."""
+    options = MegaPortraitsTrainOptions(**base_model_options(args))
+    return run_base_model_command(args, MegaPortraitsTask, options, train_megaportraits)
