@@ -599,6 +599,11 @@ def _run_reenact_megaportraits(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         device=args.device,
     )
+    return _report_portrait_video(result)
+
+
+def _report_portrait_video(result) -> int:
+    """One line on a MegaPortraits / EMOPortraits reenactment's video."""
     width, height = result.size
     audio = "with audio" if result.has_audio else "no audio"
     print(f"wrote {result.path}: {result.num_frames} frames of {width}x{height} at {result.fps:g} fps "
@@ -634,11 +639,7 @@ def _run_reenact_emoportraits(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         device=args.device,
     )
-    width, height = result.size
-    audio = "with audio" if result.has_audio else "no audio"
-    print(f"wrote {result.path}: {result.num_frames} frames of {width}x{height} at {result.fps:g} fps "
-          f"({result.motion}), {audio}")
-    return 0
+    return _report_portrait_video(result)
 
 
 # ---------------------------------------------------------------------------------- compress

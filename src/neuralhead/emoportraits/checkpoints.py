@@ -50,9 +50,13 @@ def require_saved(path: str | os.PathLike, subdirs: tuple[str, ...], cls: type, 
     )
 
 
-def load_main_model(path: str | os.PathLike, *, map_location: str = "cpu") -> MegaPortraitsBase:
-    """The EMOPortraits main model of a run (or a MegaPortraits base model: same classes)."""
-    directory = require_saved(
+def main_model_directory(path: str | os.PathLike) -> Path:
+    """The saved main model of an EMOPortraits run (or a MegaPortraits run / saved model)."""
+    return require_saved(
         path, (MAIN_SUBDIR, "megaportraits"), MegaPortraitsBase, "EMOPortraits checkpoint"
     )
-    return MegaPortraitsBase.from_pretrained(directory, map_location=map_location)
+
+
+def load_main_model(path: str | os.PathLike, *, map_location: str = "cpu") -> MegaPortraitsBase:
+    """The EMOPortraits main model of a run (or a MegaPortraits base model: same classes)."""
+    return MegaPortraitsBase.from_pretrained(main_model_directory(path), map_location=map_location)

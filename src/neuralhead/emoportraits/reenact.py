@@ -45,16 +45,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from neuralhead.emoportraits.audio_embedding import SAMPLE_RATE, load_audio_embedder
 from neuralhead.emoportraits.checkpoints import (
-    MAIN_SUBDIR,
     ROTATION_SUBDIR,
     SPEECH_SUBDIR,
+    main_model_directory,
     require_saved,
 )
 from neuralhead.errors import InputError
 from neuralhead.inference.common import OUTPUT_AUDIO_RATE, PasteBack, load_sound
 from neuralhead.media.audio import load_audio
-from neuralhead.media.video import VideoWriter, probe_video
+from neuralhead.media.video import VideoWriter
 from neuralhead.megaportraits.background import BackgroundCompositor
 from neuralhead.megaportraits.base_model import DriverMotion, MegaPortraitsBase, Pose
 from neuralhead.megaportraits.reenact import (
@@ -76,18 +77,9 @@ DEFAULT_FPS = 25.0
 #: generator output is jerkier than real head motion (docs/results.md), a 2-frame filter
 #: brings its angular acceleration to the real motion's order.
 DEFAULT_SMOOTHING = 2.0
-#: Sample rate the audio embedders read.
-EMBEDDING_RATE = 16000
 #: Mouth components taken from the audio when driving by video and audio (L_PCA's n, Sec. 2.3).
 MOUTH_COMPONENTS = 8
 MOUTH_BASIS_FILE = "mouth_basis.safetensors"
-
-
-def main_model_directory(path: str | os.PathLike) -> Path:
-    """The saved main model of an EMOPortraits run (or a MegaPortraits run / saved model)."""
-    return require_saved(
-        path, (MAIN_SUBDIR, "megaportraits"), MegaPortraitsBase, "EMOPortraits checkpoint"
-    )
 
 
 def load_speech_model(path: str | os.PathLike, *, map_location: str = "cpu"):
@@ -119,15 +111,13 @@ def _embeddings(
     device: str,
     what: str,
 ) -> torch.Tensor:
-    from neuralhead.emoportraits.audio_embedding import load_audio_embedder
-
     embedder = load_audio_embedder(spec, device=device)
     if embedder.dim != expected_dim:
         raise InputError(
             f"the {what} was trained on {expected_dim}-d audio embeddings; {spec!r} gives "
             f"{embedder.dim}: pass the audio embedder it was trained with"
         )
-    return embedder.embed(wave, EMBEDDING_RATE, num_frames, fps).float()
+    return embedder.embed(wave, SAMPLE_RATE, num_frames, fps).float()
 
 
 def pose_from_vector(model: MegaPortraitsBase, vector: torch.Tensor) -> Pose:
@@ -253,13 +243,13 @@ def reenact(
     encoder, mouth_basis = load_speech_model(speech_model)
     encoder.to(reenactor.device)
     audio = Path(audio)
-    wave = load_audio(audio, EMBEDDING_RATE)
+    wave = load_audio(audio, SAMPLE_RATE)
     if len(wave) == 0:
         raise InputError(f"{audio.name} has no sound")
 
     track = None
     if mode == "audio":
-        num_frames = max(1, math.ceil(len(wave) / EMBEDDING_RATE * fps))
+        num_frames = max(1, math.ceil(len(wave) / SAMPLE_RATE * fps))
         if max_frames is not None:
             num_frames = min(num_frames, max_frames)
     else:
@@ -391,9 +381,3 @@ def reenact(
             done += len(images)
             bar.update(len(images))
     return ReenactResult(out, num_frames, fps, written, described, sound is not None)
-
-
-def output_duration(path: str | os.PathLike) -> float:
-    """Seconds of video in an mp4 written by :func:`reenact` (frames / rate)."""
-    info = probe_video(path)
-    return info.num_frames / info.fps
